@@ -1,0 +1,456 @@
+"""Datasets, deterministic splits, transforms and data loaders.
+
+`--data` picks the source:
+    digits                 scikit-learn's 1,797 8x8 handwritten digits (embedded, offline)
+    path/to/folder         ImageFolder: train/ valid|val|validation/ test/ subfolders with one
+                           folder per class (Kaggle birds), or class folders only (split here)
+    path/to/manifest.csv   a path column, a label column, an optional split column
+    cifar10, cifar100, mnist, fashionmnist   torchvision downloads into --data-dir
+
+Splits missing from the source are carved out of the training data, stratified by class and
+fixed by the seed, so no image is ever in two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+log = logging.getLogger("preprocessing")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+TORCHVISION_DATASETS = {
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "mnist": "MNIST",
+    "fashionmnist": "FashionMNIST",
+}
+CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded uint8 images cached in memory up to this size
+
+
+class DataError(ValueError):
+    """A user-fixable data problem; the message names it and the fix."""
+
+
+class ImageError(ValueError):
+    """One image that cannot be used; the message names the file and the reason."""
+
+
+# ---- decoding ------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: EXIF rotation applied, transparency composited on white,
+    16-bit and float images rescaled rather than clipped, first frame of animations."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_image(source) -> Image.Image:
+    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    name = "upload" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError(f"{name}: the file is empty (0 bytes)")
+            img = Image.open(io.BytesIO(source))
+        else:
+            if os.path.getsize(source) == 0:
+                raise ImageError(f"{name}: the file is empty (0 bytes)")
+            img = Image.open(source)
+        img.seek(0)
+        img.load()
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{name}: refused, too many pixels ({err})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{name}: unreadable image ({err})") from None
+
+
+# ---- datasets ------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """(image, label) pairs from files or from an in-memory uint8 array.
+
+    `paths` name every sample (file paths, or `digits/<index>` for in-memory data) for
+    reports. Unreadable files found at load time are skipped and listed in `skipped`.
+    """
+
+    def __init__(self, paths, targets, classes, transform=None, images=None):
+        self.paths = list(paths)
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.transform = transform
+        self.images = images  # list of (C, H, W) uint8 tensors, or None: decode lazily
+        self.seed: int | None = None  # set for training: augmentation fixed by (seed, epoch, index)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int):
+        """The untransformed image: a uint8 tensor (cached) or an RGB PIL image."""
+        if self.images is not None:
+            return self.images[index]
+        return decode_image(self.paths[index])
+
+    def __getitem__(self, index: int):
+        try:
+            image = self.load(index)
+        except ImageError as err:
+            # A file that broke after the scan: warn and use a neighbour, not crash the epoch.
+            log.warning("skipping %s", err)
+            return self[(index + 1) % len(self)]
+        if self.seed is not None:
+            # Each sample's augmentation depends only on (seed, epoch, index), whatever the
+            # worker, the batch order or a resume in the middle of the epoch.
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+    def subset(self, indices, transform=None) -> ImageDataset:
+        return ImageDataset(
+            [self.paths[i] for i in indices],
+            [self.targets[i] for i in indices],
+            self.classes,
+            transform,
+            None if self.images is None else [self.images[i] for i in indices],
+        )
+
+    def cache(self) -> ImageDataset:
+        """Decode every image once and keep it as uint8, when they fit in memory."""
+        if self.images is not None or not self.paths:
+            return self
+        with Image.open(self.paths[0]) as first:
+            estimate = first.width * first.height * 3 * len(self.paths)
+        if estimate > CACHE_LIMIT_BYTES:
+            log.info("not caching: about %.1f GB of pixels", estimate / 1e9)
+            return self
+        self.images = [v2.functional.pil_to_tensor(decode_image(p)) for p in self.paths]
+        return self
+
+
+@dataclass
+class Splits:
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    classes: list
+    skipped: list  # "path: reason" for every file that could not be read
+
+
+def _scan(samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
+    """Drop files that are empty, not images, or cannot be decoded; return (good, reasons)."""
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            if os.path.getsize(path) == 0:
+                raise ImageError(f"{path}: the file is empty (0 bytes)")
+            with Image.open(path) as img:
+                img.verify()  # header and structure, without decoding every pixel
+            good.append((path, label))
+        except ImageError as err:
+            bad.append(str(err))
+        except Image.DecompressionBombError:
+            bad.append(f"{path}: refused, too many pixels")
+        except (OSError, SyntaxError, ValueError) as err:
+            reason = "not an image file" if isinstance(err, UnidentifiedImageError) else err
+            bad.append(f"{path}: {reason}")
+    return good, bad
+
+
+def _class_folders(root: Path) -> dict[str, list[str]]:
+    return {
+        d.name: sorted(
+            str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
+
+
+def stratified_split(targets, fractions, seed: int) -> list[list[int]]:
+    """Split indices class by class: the first part gets the rest, each other part
+    round(n * fraction) of every class. Same targets and seed -> same split."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == label))
+        start = 0
+        for part, fraction in enumerate(fractions, start=1):
+            take = min(int(round(len(idx) * fraction)), max(len(idx) - start - 1, 0))
+            parts[part] += idx[start : start + take].tolist()
+            start += take
+        parts[0] += idx[start:].tolist()
+    return [sorted(p) for p in parts]
+
+
+def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
+    """by_split: {"train": [(path, label)], "val": [...] or None, "test": [...] or None}."""
+    skipped = []
+    for name, samples in by_split.items():
+        if samples is not None:
+            by_split[name], bad = _scan(samples)
+            skipped += bad
+    if skipped:
+        log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped[:50]))
+    train = by_split["train"]
+    if not train:
+        raise DataError("the training data holds no readable images; check --data")
+    counts = np.bincount([label for _, label in train], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(
+            f"class(es) {', '.join(empty[:10])} have no readable training images; add images "
+            "or remove those folders"
+        )
+    full = ImageDataset([p for p, _ in train], [t for _, t in train], classes)
+    missing = [name for name in ("val", "test") if by_split.get(name) is None]
+    fractions = [cfg.val_fraction if m == "val" else cfg.test_fraction for m in missing]
+    parts = stratified_split(full.targets, fractions, cfg.seed)
+    datasets = {"train": full.subset(parts[0])}
+    for name, part in zip(missing, parts[1:], strict=True):
+        datasets[name] = full.subset(part)
+    for name in ("val", "test"):
+        if name not in datasets:
+            samples = by_split[name]
+            datasets[name] = ImageDataset([p for p, _ in samples], [t for _, t in samples], classes)
+    if cfg.cache_images:
+        for dataset in datasets.values():
+            dataset.cache()
+    return Splits(datasets["train"], datasets["val"], datasets["test"], classes, skipped)
+
+
+def load_digits_splits(cfg) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images / 16.0 * 255.0).round().to(torch.uint8)  # (N, 8, 8)
+    pixels = v2.functional.resize(pixels.unsqueeze(1), [cfg.image_size] * 2, antialias=True)
+    images = list(pixels.expand(-1, 3, -1, -1).contiguous())  # N x (3, S, S)
+    classes = [str(c) for c in digits.target_names]
+    full = ImageDataset(
+        [f"digits/{i:04d}" for i in range(len(images))], digits.target, classes, images=images
+    )
+    train, val, test = stratified_split(
+        full.targets, [cfg.val_fraction, cfg.test_fraction], cfg.seed
+    )
+    return Splits(full.subset(train), full.subset(val), full.subset(test), classes, [])
+
+
+def load_folder_splits(root: Path, cfg) -> Splits:
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    found = {
+        split: next((subdirs[n] for n in names if n in subdirs), None)
+        for split, names in SPLIT_DIRS.items()
+    }
+    if found["train"] is None:  # class folders only
+        folders = _class_folders(root)
+        if not folders:
+            raise DataError(
+                f"{root} has no class folders; expected {root}/<class>/<image> or "
+                f"{root}/train/<class>/<image>"
+            )
+        classes = list(folders)
+        samples = [(p, i) for i, c in enumerate(classes) for p in folders[c]]
+        return _from_samples({"train": samples, "val": None, "test": None}, classes, cfg)
+    train_folders = _class_folders(found["train"])
+    classes = list(train_folders)
+    if not classes:
+        raise DataError(f"{found['train']} has no class folders")
+    by_split = {"train": [(p, i) for i, c in enumerate(classes) for p in train_folders[c]]}
+    for split in ("val", "test"):
+        if found[split] is None:
+            by_split[split] = None
+            continue
+        folders = _class_folders(found[split])
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{found[split]} has class folder(s) not in train/: {', '.join(unknown[:10])}; "
+                "every class needs training images"
+            )
+        by_split[split] = [(p, classes.index(c)) for c, paths in folders.items() for p in paths]
+    return _from_samples(by_split, classes, cfg)
+
+
+def _pick_column(header: list[str], names: tuple[str, ...], what: str, path: Path) -> str | None:
+    lowered = {h.strip().lower(): h for h in header}
+    for name in names:
+        if name in lowered:
+            return lowered[name]
+    if what:
+        raise DataError(
+            f"{path} has no {what} column; name one of: {', '.join(names)} (found: "
+            f"{', '.join(header)})"
+        )
+    return None
+
+
+def load_csv_splits(path: Path, cfg) -> Splits:
+    """A manifest such as MHIST's annotations.csv: paths relative to the CSV's folder
+    (or its images/ subfolder), labels as names, an optional train/valid/test column."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"{path} has no rows")
+    header = list(rows[0])
+    path_col = _pick_column(
+        header,
+        ("path", "filepath", "file", "filename", "image", "image name", "image_path"),
+        "path",
+        path,
+    )
+    label_col = _pick_column(
+        header, ("label", "class", "target", "category", "majority vote label"), "label", path
+    )
+    split_col = _pick_column(header, ("split", "partition", "set", "subset"), "", path)
+    classes = sorted({r[label_col].strip() for r in rows})
+    by_split: dict = {"train": [], "val": None, "test": None}
+    for row in rows:
+        rel = Path(row[path_col].strip())
+        candidates = [rel, path.parent / rel, path.parent / "images" / rel]
+        file = next((c for c in candidates if c.is_file()), candidates[1])
+        split = (row[split_col].strip().lower() if split_col else "train") or "train"
+        split = next((s for s, names in SPLIT_DIRS.items() if split in names), None)
+        if split is None:
+            raise DataError(f"{path}: split {row[split_col]!r} is not train, valid or test")
+        if by_split[split] is None:
+            by_split[split] = []
+        by_split[split].append((str(file), classes.index(row[label_col].strip())))
+    return _from_samples(by_split, classes, cfg)
+
+
+def load_torchvision_splits(name: str, cfg) -> Splits:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    try:
+        train = cls(cfg.data_dir, train=True, download=True)
+        test = cls(cfg.data_dir, train=False, download=True)
+    except (OSError, RuntimeError) as err:
+        raise DataError(
+            f"could not download {name} into {cfg.data_dir} ({err}); with no internet, copy "
+            f"the dataset files into {cfg.data_dir} or pass an image folder with --data"
+        ) from None
+
+    def as_dataset(ds, split: str) -> ImageDataset:
+        data = torch.as_tensor(np.asarray(ds.data))  # (N, H, W, 3) or (N, H, W) uint8
+        data = data.unsqueeze(-1).expand(*data.shape, 3) if data.ndim == 3 else data
+        images = list(data.permute(0, 3, 1, 2).contiguous())
+        paths = [f"{name}/{split}/{i:05d}" for i in range(len(images))]
+        return ImageDataset(paths, list(map(int, ds.targets)), ds.classes, images=images)
+
+    full, test_set = as_dataset(train, "train"), as_dataset(test, "test")
+    train_idx, val_idx = stratified_split(full.targets, [cfg.val_fraction], cfg.seed)
+    return Splits(full.subset(train_idx), full.subset(val_idx), test_set, full.classes, [])
+
+
+def load_splits(cfg) -> Splits:
+    """The train/val/test datasets and class names for `cfg.data` (no transforms yet)."""
+    spec = str(cfg.data)
+    if spec == "digits":
+        return load_digits_splits(cfg)
+    if spec.lower() in TORCHVISION_DATASETS:
+        return load_torchvision_splits(spec.lower(), cfg)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return load_csv_splits(path, cfg)
+    if path.is_dir():
+        return load_folder_splits(path, cfg)
+    raise DataError(
+        f"--data {spec!r} is not digits, a torchvision name ({', '.join(TORCHVISION_DATASETS)}), "
+        "an existing image folder or a .csv manifest; check the path"
+    )
+
+
+# ---- transforms and loaders ----------------------------------------------------------------
+
+
+def train_transform(cfg) -> v2.Compose:
+    steps = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale, 1.0), antialias=True),
+    ]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.augment == "randaugment":
+        steps.append(v2.RandAugment(magnitude=cfg.augment_magnitude))
+    elif cfg.augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    if cfg.random_erasing:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+def eval_transform(image_size: int, mean, std) -> v2.Compose:
+    """Resize the short side, center-crop, normalise: the same for validation, test,
+    prediction and serving (the values come from the checkpoint there)."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def make_loader(dataset, cfg, *, train: bool, sampler=None) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) > cfg.batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def with_transforms(splits: Splits, cfg) -> Splits:
+    """Attach the train transform to train and the eval transform to val and test."""
+    evaluate = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+    splits.train.transform = train_transform(cfg)
+    splits.val.transform = evaluate
+    splits.test.transform = evaluate
+    return splits
+
+
+def write_classes(classes, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(classes) + "\n")
