@@ -364,6 +364,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """argparse, with unknown options answered by the list of valid ones."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            valid = ", ".join("--" + name.replace("_", "-") for name in _field_types())
+            message += f"; valid config options are: {valid} (and --preset, --config)"
+        super().error(message)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--preset, --config and one --key option per Config field (with its default)."""
     parser.add_argument(
@@ -407,7 +417,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def parse_config(argv=None, description: str = "") -> Config:
-    parser = argparse.ArgumentParser(description=description)
+    parser = ConfigArgumentParser(description=description)
     add_config_arguments(parser)
     return config_from_args(parser.parse_args(argv))
 

@@ -123,19 +123,22 @@ class ImageDataset(Dataset):
         return decode_image(self.paths[index])
 
     def __getitem__(self, index: int):
+        # index may be "virtual" (repeated augmentation): i and i + n*r are the same image
+        # with different augmentations.
+        real = index % len(self)
         try:
-            image = self.load(index)
+            image = self.load(real)
         except ImageError as err:
             # A file that broke after the scan: warn and use a neighbour, not crash the epoch.
             log.warning("skipping %s", err)
-            return self[(index + 1) % len(self)]
+            return self[(real + 1) % len(self)]
         if self.seed is not None:
             # Each sample's augmentation depends only on (seed, epoch, index), whatever the
             # worker, the batch order or a resume in the middle of the epoch.
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.targets[index]
+        return image, self.targets[real]
 
     def subset(self, indices, transform=None) -> ImageDataset:
         return ImageDataset(

@@ -4,32 +4,47 @@
     python source/train.py --preset cifar10 --data path/to/images --max-minutes 30
     python source/train.py --preset birds --data path/to/birds --device cuda
     python source/train.py --resume                         # continue a killed run
+    torchrun --nproc_per_node 4 source/train.py --preset birds --data path/to/birds
 
-Reads top to bottom: config, device, data, model, optimizer, the pure `get_lr`, the loop
-(validation every epoch, best model saved atomically), then the test-split evaluation.
-Writes metadata/models/model.pth, metadata/classes.txt, metadata/results/ and runs/<name>/.
+Reads top to bottom: config, device, data, model, optimizer, the loop (lr from the pure
+`get_lr`, validation every epoch, best model saved atomically, resume state every epoch and
+every --save-every-minutes), then the test-split evaluation. Writes metadata/models/model.pth,
+metadata/classes.txt, metadata/results/ and runs/<name>/. Under torchrun the batch size is per
+process: the effective batch is batch_size x processes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import datetime as dt
 import logging
 import math
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
+from training import (
+    EpochSampler,
+    Progress,
+    StopRequested,
+    broadcast_flag,
+    class_weights,
+    cleanup_distributed,
+    get_lr,
+    make_batch_mixer,
+    make_ema,
+    param_groups,
+    setup_distributed,
+    soft_cross_entropy,
+)
 
 import checkpoint as ckpt_io
 import metrics as M
 import preprocessing as P
 import tracking
-from config import ConfigError, parse_config
+from config import ConfigArgumentParser, ConfigError, add_config_arguments, config_from_args
 from runtime import (
     autocast_for,
     rng_state,
@@ -43,177 +58,148 @@ from transformer import build_model, count_parameters
 log = logging.getLogger("train")
 
 
-def get_lr(progress: float, cfg) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr, over progress in [0, 1]
-    (the fraction of steps done, or of the --max-minutes budget used, whichever is ahead)."""
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.warmup_fraction and progress < cfg.warmup_fraction:
-        return cfg.lr * progress / cfg.warmup_fraction
-    decay = (progress - cfg.warmup_fraction) / (1.0 - cfg.warmup_fraction)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * decay))
-
-
-class Progress:
-    """Fraction of training done: steps over total steps, or wall-clock time over the
-    budget when --max-minutes is set, whichever is further along."""
-
-    def __init__(self, total_steps: int, max_minutes: float, elapsed: float = 0.0, clock=None):
-        self.total_steps = total_steps
-        self.budget = max_minutes * 60.0
-        self.clock = clock or time.monotonic
-        self.start = self.clock() - elapsed
-
-    @property
-    def elapsed(self) -> float:
-        return self.clock() - self.start
-
-    def __call__(self, step: int) -> float:
-        done = step / max(self.total_steps, 1)
-        if self.budget:
-            done = max(done, self.elapsed / self.budget)
-        return min(done, 1.0)
-
-
-def param_groups(model, cfg) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, not on biases, norms, tokens or
-    position embeddings."""
-    skip = getattr(model, "no_weight_decay", lambda: set())()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle fixed by (seed, epoch) that can start mid-epoch, so a resumed run sees the
-    same batches as an uninterrupted one."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.n - self.start
-
-
-class StopRequested:
-    """SIGTERM (Kubernetes, spot instances) asks the loop to save its resume state and exit."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self) -> None:
-        with contextlib.suppress(ValueError):  # not in the main thread: leave the default
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving the resume state and stopping")
-        self.requested = True
+def build_parser() -> argparse.ArgumentParser:
+    parser = ConfigArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_arguments(parser)
+    return parser
 
 
 def main(argv=None) -> int:
-    # ---- config ------------------------------------------------------------------------
-    setup_logging()
     try:
-        cfg = parse_config(argv, description=__doc__)
-        device = select_device(cfg.device)
+        return run(argv)
+    finally:
+        cleanup_distributed()
+
+
+def run(argv=None) -> int:
+    # ---- config and device ----------------------------------------------------------------
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        rank, world, dist_device = setup_distributed(cfg.device)
+        device = dist_device or select_device(cfg.device)
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    main_process = rank == 0
+    setup_logging(rank)
     run_name = cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.runs_dir) / run_name
-    print(f"config (saved to {run_dir}/config.json):")
-    print("  " + "\n  ".join(f"{k} = {v}" for k, v in cfg.to_dict().items()))
-    cfg.to_json(run_dir / "config.json")
+    if main_process:
+        print(f"config (preset {args.preset}; saved to {run_dir}/config.json):")
+        print("  " + "\n  ".join(f"{k} = {v}" for k, v in cfg.to_dict().items()))
+        cfg.to_json(run_dir / "config.json")
     autocast = autocast_for(device, cfg.amp)
     seed_everything(cfg.seed)
 
-    # ---- data --------------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------
     try:
         splits = P.with_transforms(P.load_splits(cfg), cfg)
     except P.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     classes = splits.classes
-    P.write_classes(classes, cfg.classes_path)
-    sampler = EpochSampler(len(splits.train), cfg.seed)
+    if main_process:
+        P.write_classes(classes, cfg.classes_path)
+    weights = class_weights(splits.train.targets, len(classes))
+    sampler = EpochSampler(
+        len(splits.train),
+        cfg.seed,
+        repeats=cfg.repeated_aug,
+        weights=weights[splits.train.targets] if cfg.balance == "sampler" else None,
+        rank=rank,
+        world=world,
+    )
     splits.train.seed = cfg.seed
     train_loader = P.make_loader(splits.train, cfg, train=True, sampler=sampler)
     val_loader = P.make_loader(splits.val, cfg, train=False)
     test_loader = P.make_loader(splits.test, cfg, train=False)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(sampler) // cfg.batch_size or 1
     if cfg.limit_train_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.limit_train_batches)
     total_steps = cfg.epochs * steps_per_epoch
-    print(
-        f"data {cfg.data}: {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test images, {len(classes)} classes; device {device}"
-    )
+    if main_process:
+        print(
+            f"data {cfg.data}: {len(splits.train)} train / {len(splits.val)} val / "
+            f"{len(splits.test)} test images, {len(classes)} classes; device {device}, "
+            f"{world} process(es), effective batch {cfg.batch_size * world}"
+        )
 
-    # ---- model and optimizer -----------------------------------------------------------
+    # ---- model, optimizer, loss -------------------------------------------------------------
     model = build_model(cfg, num_classes=len(classes)).to(device)
     n_params = count_parameters(model)
-    print(f"model: {n_params / 1e6:.2f}M parameters")
+    if main_process:
+        print(f"model: {n_params / 1e6:.2f}M parameters")
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg),
+        param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
     )
-    train_model = torch.compile(model) if cfg.compile else model
+    ema = make_ema(model, cfg.ema_decay)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    mixer = make_batch_mixer(cfg, len(classes))
+    loss_weight = weights.to(device) if cfg.balance == "loss" else None
 
-    # ---- state: fresh or resumed -------------------------------------------------------
+    def loss_fn(x, y):
+        logits = train_model(x)
+        return soft_cross_entropy(logits, y, cfg.label_smoothing, loss_weight), logits
+
+    # ---- state: fresh or resumed --------------------------------------------------------
     step, epoch, start_batch, best_score, elapsed, history = 0, 0, 0, -math.inf, 0.0, []
     resume_file = ckpt_io.resume_path(cfg.model_path)
     if cfg.resume:
-        if not resume_file.is_file():
-            print(f"error: --resume: no resume state at {resume_file}; start without --resume")
+        try:
+            state = ckpt_io.load_resume(resume_file)
+            ckpt_io.load_state_dict_checked(model, state["model"], source=str(resume_file))
+        except ckpt_io.CheckpointError as err:
+            print(f"error: --resume: {err}; start without --resume", file=sys.stderr)
             return 2
-        state = ckpt_io.load_resume(resume_file)
-        ckpt_io.load_state_dict_checked(model, state["model"], source=str(resume_file))
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
         best_score, elapsed, history = state["best_score"], state["elapsed"], state["history"]
         run_name = state.get("run_name", run_name)
         set_rng_state(state["rng"])
-        print(f"resumed from {resume_file}: epoch {epoch + 1}, batch {start_batch}, step {step}")
+        if main_process:
+            print(f"resumed {resume_file}: epoch {epoch + 1}, batch {start_batch}, step {step}")
 
     def save_resume(epoch: int, batch: int) -> None:
-        ckpt_io.atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "batch": batch,
-                "best_score": best_score,
-                "elapsed": progress.elapsed,
-                "history": history,
-                "run_name": run_name,
-                "rng": rng_state(),
-                "config": cfg.to_dict(),
-            },
-            resume_file,
-        )
+        if not main_process:
+            return
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "batch": batch,
+            "best_score": best_score,
+            "elapsed": progress.elapsed,
+            "history": history,
+            "run_name": run_name,
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+        }
+        ckpt_io.atomic_save(state, resume_file)
 
-    tracker = tracking.make_tracker(cfg, run_dir, run_name)
+    tracker = tracking.make_tracker(cfg, run_dir, run_name) if main_process else tracking.Tracker()
     tracker.log_params(cfg.to_dict())
     tracker.set_tags(
         {
-            "preset": cfg.data if cfg.data == "digits" else "custom",
+            "preset": args.preset,
             "data": cfg.data,
             "device": str(device),
+            "processes": world,
             "torch": str(torch.__version__),
             "git_commit": ckpt_io.git_commit(),
             "num_classes": len(classes),
@@ -224,34 +210,42 @@ def main(argv=None) -> int:
         }
     )
 
-    # ---- the loop ----------------------------------------------------------------------
+    def validate(candidate) -> tuple[M.EvalResult, dict]:
+        result = M.evaluate(
+            candidate, val_loader, device, autocast=autocast, limit_batches=cfg.limit_eval_batches
+        )
+        return result, M.compute_metrics(result.labels, result.probs, classes)
+
+    # ---- the loop ---------------------------------------------------------------------------
     progress = Progress(total_steps, cfg.max_minutes, elapsed)
     stop = StopRequested()
     stop.install()
-    last_save, bad_epochs, finished = time.monotonic(), 0, False
+    last_save, bad_epochs, finished, lr = time.monotonic(), 0, False, get_lr(0, cfg)
     while epoch < cfg.epochs and not finished:
         sampler.set_epoch(epoch, start_batch * cfg.batch_size)
         splits.train.epoch = epoch
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
         bar = tqdm(
             total=steps_per_epoch,
             initial=start_batch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
             dynamic_ncols=True,
-            disable=None,
+            disable=None if main_process else True,
         )
         for batch, (x, y) in enumerate(train_loader, start=start_batch):
             if batch >= steps_per_epoch:
                 break
             lr = get_lr(progress(step), cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            hard = y
+            if mixer is not None:
+                x, y = mixer(x, y)  # y becomes (B, C) soft targets
             with autocast():
-                logits = train_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss, logits = loss_fn(x, y)
             if not torch.isfinite(loss):
                 print(
                     f"error: the loss became {loss.item()} at step {step}; lower --lr, keep "
@@ -265,39 +259,51 @@ def main(argv=None) -> int:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2e}")
+            loss_value = loss.item()
+            sums += torch.tensor(
+                [loss_value * len(hard), (logits.argmax(1) == hard).sum().item(), len(hard)],
+                dtype=torch.float64,
+            )
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}", acc=f"{sums[1] / sums[2]:.3f}", lr=f"{lr:.2e}"
+            )
             bar.update()
             if step % cfg.log_every == 0:
-                tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step)
-            if progress(step) >= 1.0 and cfg.max_minutes:
+                tracker.log_metrics({"train/loss": loss_value, "train/lr": lr}, step)
+            if cfg.max_minutes and broadcast_flag(progress(step) >= 1.0):
                 finished = True  # the time budget is spent: validate, save, stop
                 break
-            if stop.requested or time.monotonic() - last_save > cfg.save_every_minutes * 60:
+            due = time.monotonic() - last_save > cfg.save_every_minutes * 60
+            if broadcast_flag(stop.requested or due):
                 save_resume(epoch, batch + 1)
                 last_save = time.monotonic()
-                if stop.requested:
+                if broadcast_flag(stop.requested):
                     bar.close()
-                    print(f"stopped by SIGTERM; continue with --resume (state in {resume_file})")
+                    if main_process:
+                        print(f"stopped by SIGTERM; continue with --resume ({resume_file})")
                     tracker.finish("KILLED")
                     return 0
         bar.close()
         start_batch = 0
+        if world > 1:  # training loss and accuracy over every process's batches
+            torch.distributed.all_reduce(sums)
 
-        # ---- validation and the best model --------------------------------------------
-        result = M.evaluate(
-            model, val_loader, device, autocast=autocast, limit_batches=cfg.limit_eval_batches
-        )
-        val = M.compute_metrics(result.labels, result.probs, classes)
+        # ---- validation: the live weights and the EMA; the better one is the candidate ---
+        result, val = validate(model)
+        candidate, which = model, "live"
+        if ema is not None:
+            ema_result, ema_val = validate(ema.module)
+            if ema_val[cfg.select_metric] >= val[cfg.select_metric]:
+                result, val, candidate, which = ema_result, ema_val, ema.module, "ema"
         row = {
             "epoch": epoch + 1,
             "step": step,
             "lr": lr,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
+            "train_loss": float(sums[0] / max(sums[2], 1)),
+            "train_accuracy": float(sums[1] / max(sums[2], 1)),
             "val_loss": result.loss,
             "val_accuracy": val["accuracy"],
             "val_f1_macro": val["f1_macro"],
@@ -307,31 +313,40 @@ def main(argv=None) -> int:
         tracker.log_metrics({f"epoch/{k}": v for k, v in row.items()}, step)
         score = val[cfg.select_metric]
         improved = score > best_score
-        print(
-            f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-            f"  val loss {result.loss:.4f} acc {val['accuracy']:.4f}  lr {lr:.2e}"
-            f"  {row['minutes']:.1f} min{'  *' if improved else ''}"
-        )
+        if main_process:
+            print(
+                f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.4f}  val loss {result.loss:.4f} "
+                f"acc {val['accuracy']:.4f} ({which})  lr {lr:.2e}  {row['minutes']:.1f} min"
+                f"{'  *' if improved else ''}"
+            )
         if improved:
             best_score, bad_epochs = score, 0
-            ckpt_io.save_checkpoint(
-                ckpt_io.make_checkpoint(
-                    model, cfg, classes, metrics={"val": val, "epoch": epoch + 1}
-                ),
-                cfg.model_path,
-            )
+            threshold = None
+            if len(classes) == 2:  # binary: pick the decision threshold on validation
+                threshold = M.choose_threshold(
+                    result.labels, result.probs[:, 1], cfg.threshold_rule, cfg.target_tpr
+                )
+                val = M.compute_metrics(result.labels, result.probs, classes, threshold)
+            if main_process:
+                meta = {"val": val, "epoch": epoch + 1, "weights": which}
+                best = ckpt_io.make_checkpoint(candidate, cfg, classes, meta, threshold)
+                ckpt_io.save_checkpoint(best, cfg.model_path)
         else:
             bad_epochs += 1
         epoch += 1
         save_resume(epoch, 0)
         last_save = time.monotonic()
         if cfg.patience and bad_epochs >= cfg.patience:
-            print(f"early stopping: no improvement in {cfg.patience} epochs")
+            if main_process:
+                print(f"early stopping: no improvement in {cfg.patience} epochs")
             break
-        if cfg.max_minutes and progress(step) >= 1.0:
+        if cfg.max_minutes and broadcast_flag(progress(step) >= 1.0):
             break
+    if not main_process:
+        return 0
 
-    # ---- the report: curves, then the best model on the test split ----------------------
+    # ---- the report: curves, then the best model on the test split --------------------------
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     M.plot_history(history, results_dir / "accuracy_loss.png")
@@ -339,8 +354,17 @@ def main(argv=None) -> int:
     result = M.evaluate(
         best_model, test_loader, device, autocast=autocast, limit_batches=cfg.limit_eval_batches
     )
-    test = M.compute_metrics(result.labels, result.probs, classes)
+    test = M.compute_metrics(result.labels, result.probs, classes, best.get("threshold"))
     best["metrics"]["test"] = test
+    reference = M.evaluate(
+        best_model,
+        val_loader,
+        device,
+        autocast=autocast,
+        limit_batches=cfg.limit_eval_batches,
+        features=True,
+    )
+    best["reference"] = reference_statistics(reference)
     ckpt_io.save_checkpoint(best, cfg.model_path)
     tracker.log_metrics({f"best_val/{k}": v for k, v in best["metrics"]["val"].items()}, step)
     tracker.log_metrics({f"test/{k}": v for k, v in test.items()}, step)
@@ -348,11 +372,21 @@ def main(argv=None) -> int:
         tracker.log_artifact(artifact)
     tracker.finish()
     print(
-        f"best epoch {best['metrics']['epoch']}: val {cfg.select_metric} {best_score:.4f}; "
-        f"test accuracy {test['accuracy']:.4f} on {test['num_samples']} images "
-        f"({progress.elapsed / 60:.1f} min); model in {cfg.model_path}"
+        f"best epoch {best['metrics']['epoch']} ({best['metrics']['weights']} weights): val "
+        f"{cfg.select_metric} {best_score:.4f}; test accuracy {test['accuracy']:.4f} on "
+        f"{test['num_samples']} images ({progress.elapsed / 60:.1f} min); model in "
+        f"{cfg.model_path}; run {tracker.run_id} ({tracker.name})"
     )
     return 0
+
+
+def reference_statistics(result: M.EvalResult) -> dict | None:
+    """Statistics of the validation predictions for drift monitoring (monitor.py)."""
+    try:
+        from monitor import reference_statistics as compute
+    except ImportError:
+        return None
+    return compute(result)
 
 
 if __name__ == "__main__":

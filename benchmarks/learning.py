@@ -1,0 +1,152 @@
+"""Accuracy versus minutes of training on real CIFAR-10 images, and what each recipe element adds.
+
+    python benchmarks/learning.py                         # budgets 5 15 30 min, cifar10 preset
+    python benchmarks/learning.py --minutes 5 --ablation  # also the ablation at 5 minutes
+    python benchmarks/learning.py --quick                 # seconds: checks that it works
+
+Data: ../shared/data/cifar10-dev.tar.gz (10,000 CIFAR-10 training images, 1,000 a class, as
+class folders) is extracted to a temporary folder; the project's own stratified split holds
+out 15% for validation and 15% for testing, and the test accuracy (images never trained or
+selected on) is what is reported. Every run is `source/train.py --max-minutes M` in a
+subprocess, so the numbers include data loading and evaluation exactly as a user sees them.
+Writes metadata/results/learning.md, learning.json and learning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-dev.tar.gz"
+
+# The ablation starts from the paper's ViT (patch tokens, class token, crop + flip only) and
+# switches on one recipe element at a time, cumulatively, in the order of the cifar10 preset.
+ABLATION = [
+    ("ViT (paper: patch conv, class token)", ["--tokenizer", "patch", "--pool", "cls",
+     "--augment", "none", "--ema-decay", "0", "--mixup-alpha", "0", "--cutmix-alpha", "0",
+     "--drop-path-rate", "0", "--label-smoothing", "0"]),
+    ("+ label smoothing 0.1", ["--label-smoothing", "0.1"]),
+    ("+ conv tokenizer (CCT)", ["--tokenizer", "conv"]),
+    ("+ sequence pooling", ["--pool", "seq"]),
+    ("+ stochastic depth 0.1", ["--drop-path-rate", "0.1"]),
+    ("+ EMA of weights", ["--ema-decay", "0.999"]),
+]  # fmt: skip
+
+
+def extract(tar_path: Path, into: Path) -> Path:
+    if not tar_path.is_file():
+        raise SystemExit(f"{tar_path} not found; pass --tar path/to/cifar10-dev.tar.gz")
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(into, filter="data")
+    folders = [p for p in into.iterdir() if p.is_dir()]
+    return folders[0] if len(folders) == 1 else into
+
+
+def train_once(data: Path, minutes: float, extra: list[str], work: Path, name: str) -> dict:
+    model = work / name / "model.pth"
+    cmd = [
+        sys.executable, str(ROOT / "source" / "train.py"),
+        "--preset", "cifar10", "--data", str(data), "--max-minutes", str(minutes),
+        "--epochs", "1000", "--tracker", "none", "--run-name", name,
+        "--model-path", str(model), "--results-dir", str(work / name / "results"),
+        "--classes-path", str(work / name / "classes.txt"), "--runs-dir", str(work / "runs"),
+        *extra,
+    ]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = (time.monotonic() - start) / 60
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    ckpt = torch.load(model, map_location="cpu", weights_only=True)
+    epochs = sum(1 for line in proc.stdout.splitlines() if line.startswith("epoch "))
+    return {
+        "name": name,
+        "minutes": minutes,
+        "wall_minutes": round(wall, 2),
+        "epochs": epochs,
+        "test_accuracy": ckpt["metrics"]["test"]["accuracy"],
+        "val_accuracy": ckpt["metrics"]["val"]["accuracy"],
+        "args": extra,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["minutes"] for r in rows], [100 * r["test_accuracy"] for r in rows], marker="o")
+    ax.set(xlabel="training budget (minutes, 2 CPU cores)", ylabel="test accuracy (%)")
+    ax.set_title("cifar10 preset on 10k CIFAR-10 images")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tar", type=Path, default=DEFAULT_TAR, help="cifar10-dev.tar.gz")
+    parser.add_argument("--data", type=Path, default=None, help="an extracted folder instead")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 30])
+    parser.add_argument("--ablation", action="store_true", help="ablation at the first budget")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets (a test)")
+    parser.add_argument("--out", type=Path, default=ROOT / "metadata" / "results")
+    args = parser.parse_args(argv)
+
+    quick = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--limit-train-batches",
+             "2", "--limit-eval-batches", "2", "--batch-size", "16", "--num-workers", "0",
+             "--cache-images", "false"] if args.quick else []  # fmt: skip
+    minutes = [0.05] if args.quick else args.minutes
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = args.data or extract(args.tar, work / "data")
+        rows = [train_once(data, m, quick, work, f"budget-{m:g}") for m in minutes]
+        ablation = []
+        if args.ablation or args.quick:
+            extra = []
+            for label, flags in ABLATION[: 2 if args.quick else None]:
+                extra = extra + flags
+                row = train_once(data, minutes[0], quick + extra, work, f"ablation-{len(ablation)}")
+                ablation.append({"recipe": label, **row})
+    lines = [
+        "| budget (min) | test accuracy | val accuracy | epochs | wall (min) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['minutes']:g} | {100 * r['test_accuracy']:.1f}% | {100 * r['val_accuracy']:.1f}% "
+        f"| {r['epochs']} | {r['wall_minutes']:.1f} |"
+        for r in rows
+    ]
+    if ablation:
+        lines += ["", f"Ablation at {minutes[0]:g} minutes (cumulative):", ""]
+        lines += ["| recipe | test accuracy | epochs |", "| --- | ---: | ---: |"]
+        lines += [
+            f"| {a['recipe']} | {100 * a['test_accuracy']:.1f}% | {a['epochs']} |" for a in ablation
+        ]
+    table = "\n".join(lines)
+    (args.out / "learning.md").write_text(table + "\n")
+    (args.out / "learning.json").write_text(
+        json.dumps({"budgets": rows, "ablation": ablation}, indent=2) + "\n"
+    )
+    plot(rows, args.out / "learning.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

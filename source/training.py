@@ -1,0 +1,193 @@
+"""The pieces of the training loop that train.py composes: the learning-rate schedule, the
+resumable sampler, the optimizer groups, batch mixing, EMA, SIGTERM handling, and the
+distributed (torchrun) set-up. Each is small and tested on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
+
+log = logging.getLogger("train")
+
+
+def get_lr(progress: float, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr, over progress in [0, 1]
+    (the fraction of steps done, or of the --max-minutes budget used, whichever is ahead)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.warmup_fraction and progress < cfg.warmup_fraction:
+        return cfg.lr * progress / cfg.warmup_fraction
+    decay = (progress - cfg.warmup_fraction) / (1.0 - cfg.warmup_fraction)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * decay))
+
+
+class Progress:
+    """Fraction of training done: steps over total steps, or wall-clock time over the
+    budget when --max-minutes is set, whichever is further along."""
+
+    def __init__(self, total_steps: int, max_minutes: float, elapsed: float = 0.0, clock=None):
+        self.total_steps = total_steps
+        self.budget = max_minutes * 60.0
+        self.clock = clock or time.monotonic
+        self.start = self.clock() - elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def __call__(self, step: int) -> float:
+        done = step / max(self.total_steps, 1)
+        if self.budget:
+            done = max(done, self.elapsed / self.budget)
+        return min(done, 1.0)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, not on biases, norms, tokens or
+    position embeddings."""
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of an epoch, fixed by (seed, epoch), that can start mid-epoch, so a resumed
+    run sees exactly the batches of an uninterrupted one.
+
+    - repeats > 1: repeated augmentation (Hoffer et al. 2020; DeiT): each drawn image appears
+      `repeats` times in a row; the epoch keeps its length. Indices are "virtual": i and
+      i + n*r name the same image with a different augmentation (ImageDataset takes i % n).
+    - weights: a class-balanced draw with replacement (WeightedRandomSampler's rule).
+    - rank/world: each torchrun process takes every world-th index of the same order.
+    """
+
+    def __init__(self, n: int, seed: int, *, repeats=1, weights=None, rank=0, world=1):
+        self.n, self.seed, self.repeats, self.weights = n, seed, repeats, weights
+        self.rank, self.world = rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin epoch `epoch` at this process's `start`-th sample."""
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        if self.repeats == 1:
+            return torch.randperm(self.n, generator=g)
+        drawn = torch.randperm(self.n, generator=g)[: math.ceil(self.n / self.repeats)]
+        copies = torch.arange(self.repeats).repeat(len(drawn))  # 0, 1, .., r-1, 0, 1, ..
+        return (drawn.repeat_interleave(self.repeats) + copies * self.n)[: self.n]
+
+    def __iter__(self):
+        mine = self.order()[self.rank : self.n - self.n % self.world : self.world]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+
+def class_weights(targets, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, normalised to mean 1 (sklearn's 'balanced' rule)."""
+    counts = torch.bincount(torch.as_tensor(targets), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
+
+
+def make_batch_mixer(cfg, num_classes: int):
+    """MixUp and/or CutMix (torchvision v2) on whole batches; None when both are off."""
+    mixers = []
+    if cfg.mixup_alpha:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def soft_cross_entropy(logits, target, label_smoothing: float = 0.0, weight=None):
+    """Cross-entropy for hard (B,) or soft (B, C) targets (MixUp/CutMix)."""
+    return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=label_smoothing)
+
+
+def make_ema(model, decay: float):
+    """An exponential moving average of the weights (buffers too), or None when off."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class StopRequested:
+    """SIGTERM (Kubernetes, spot instances) asks the loop to save its resume state and exit."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        with contextlib.suppress(ValueError):  # not in the main thread: keep the default
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving the resume state and stopping")
+        self.requested = True
+
+
+# ---- distributed (torchrun) ------------------------------------------------------------------
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, Gloo on CPU)
+    and pick this rank's GPU. Returns (rank, world, device or None to auto-select)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def gather_arrays(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Concatenate each tensor across ranks (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(tensors)
+    out = []
+    for t in tensors:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, t.cpu())
+        out.append(torch.cat(parts))
+    return out
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's decision (stop, save) for every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

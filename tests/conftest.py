@@ -1,0 +1,72 @@
+"""Shared fixtures: generated image folders and one smoke-trained model per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "source"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def make_image(path: Path, label: int, size: int = 20, seed: int = 0) -> Path:
+    """A small RGB image whose colour and stripe depend on the label, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    arr[..., label % 3] += 150
+    arr[(label * 5) % size : (label * 5) % size + 4, :, :] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_class_folders(root: Path, classes=("cat", "dog", "owl"), per_class: int = 12) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / name / f"{i:03d}.png", c, seed=c * 1000 + i)
+    return root
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    """root/<class>/<image>.png, three classes of 12 images."""
+    return make_class_folders(tmp_path / "flat")
+
+
+@pytest.fixture
+def split_folders(tmp_path) -> Path:
+    """root/train|valid|test/<class>/<image>.png, Kaggle-birds style."""
+    root = tmp_path / "birds"
+    for split, n in (("train", 10), ("valid", 3), ("test", 3)):
+        make_class_folders(root / split, per_class=n)
+    return root
+
+
+def train_smoke(tmp: Path, *extra: str) -> Path:
+    """Train the smoke preset into tmp/; returns the model path."""
+    import train
+
+    model = tmp / "models" / "model.pth"
+    argv = [
+        "--preset", "smoke",
+        "--model-path", str(model),
+        "--results-dir", str(tmp / "results"),
+        "--classes-path", str(tmp / "classes.txt"),
+        "--runs-dir", str(tmp / "runs"),
+        "--run-name", "smoke",
+        *extra,
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory) -> Path:
+    """A smoke-trained digits model (trained once per test session); do not modify it."""
+    return train_smoke(tmp_path_factory.mktemp("smoke"))

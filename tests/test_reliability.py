@@ -1,0 +1,173 @@
+"""Surviving kills and bad input (issue 9): SIGTERM and resume, SIGKILL during a checkpoint
+write, torchrun, and the bad-file corpus through dataset loading and decoding."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from badfiles import make_corpus
+
+import preprocessing as P
+from config import Config
+from conftest import ROOT, make_class_folders
+
+PY = sys.executable
+
+
+def train_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [
+        PY, str(ROOT / "source" / "train.py"), "--preset", "smoke", "--tracker", "none",
+        "--epochs", "3", "--limit-train-batches", "12", "--batch-size", "16",
+        "--model-path", str(tmp / name / "model.pth"), "--results-dir", str(tmp / name / "r"),
+        "--classes-path", str(tmp / name / "classes.txt"), "--runs-dir", str(tmp / "runs"),
+        *extra,
+    ]  # fmt: skip
+
+
+def final_weights(tmp: Path, name: str) -> dict:
+    state = torch.load(tmp / name / "model.resume.pth", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3
+    return state["model"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    subprocess.run(train_cmd(tmp_path, "straight"), check=True, capture_output=True)
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in proc.stdout:  # wait until training has begun, then interrupt it
+        if line.startswith("model:"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    if "stopped by SIGTERM" not in out:
+        pytest.skip("the run finished before SIGTERM arrived (machine too fast)")
+    state = torch.load(
+        tmp_path / "killed" / "model.resume.pth", map_location="cpu", weights_only=True
+    )
+    assert (state["epoch"], state["batch"]) < (3, 0)
+    resumed = subprocess.run(
+        train_cmd(tmp_path, "killed", "--resume", "true"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+    a, b = final_weights(tmp_path, "straight"), final_weights(tmp_path, "killed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        train_cmd(tmp_path, "none", "--resume", "true"), capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "--resume" in out.stderr and "no resume file" in out.stderr
+
+
+WRITER = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from checkpoint import atomic_save
+atomic_save({"version": torch.tensor(1)}, sys.argv[1])
+print("first", flush=True)
+big = {"version": torch.tensor(2), "payload": torch.zeros(300_000_000, dtype=torch.uint8)}
+while True:
+    atomic_save(big, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_keeps_previous_file(tmp_path):
+    target = tmp_path / "model.pth"
+    proc = subprocess.Popen(
+        [PY, "-c", WRITER, str(target), str(ROOT / "source")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "first"
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".model.pth.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL in the middle of writing the temporary file
+    proc.wait()
+    loaded = torch.load(target, weights_only=True)
+    assert int(loaded["version"]) in (1, 2)  # the old file, or a complete new one
+    if int(loaded["version"]) == 2:
+        assert loaded["payload"].numel() == 300_000_000
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    if shutil.which("torchrun", path=os.path.dirname(PY)) is None:
+        pytest.skip("torchrun is not installed beside this python")
+    common = ["--drop-path-rate", "0", "--epochs", "2", "--limit-train-batches", "6"]
+    one = train_cmd(tmp_path, "one", *common, "--batch-size", "32")
+    two = train_cmd(tmp_path, "two", *common, "--batch-size", "16")
+    two = [os.path.join(os.path.dirname(PY), "torchrun"), "--nproc_per_node", "2",
+           "--master-port", "0", *two[1:]]  # fmt: skip
+    for cmd in (one, two):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "model.resume.pth", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.resume.pth", weights_only=True)
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-4, rtol=1e-4)
+    assert a["history"][-1]["val_accuracy"] == pytest.approx(
+        b["history"][-1]["val_accuracy"], abs=0.01
+    )
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("bad"))
+
+
+def test_decode_image_on_the_corpus(corpus):
+    for name, (path, expected) in corpus.items():
+        if expected == "refused":
+            with pytest.raises(P.ImageError) as err:
+                P.decode_image(path)
+            assert str(path) in str(err.value), name
+            continue
+        image = P.decode_image(path)
+        assert image.mode == "RGB", name
+    cmyk = P.decode_image(corpus["cmyk"][0]).getpixel((5, 5))
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # red stays red
+    assert P.decode_image(corpus["gray16"][0]).getpixel((3, 3))[0] in range(120, 136)
+    assert P.decode_image(corpus["palette_alpha"][0]).getpixel((3, 3)) == (0, 0, 255)
+    assert P.decode_image(corpus["animated"][0]).getpixel((3, 3)) == (0, 255, 0)  # frame 1
+    assert P.decode_image(corpus["exif_rotated"][0]).size == (30, 60)  # rotated upright
+    assert P.decode_image(corpus["one_pixel"][0]).size == (1, 1)
+
+
+def test_dataset_loading_skips_bad_files_and_keeps_the_rest(tmp_path, corpus, caplog):
+    root = make_class_folders(tmp_path / "data", per_class=10)
+    for path, _ in corpus.values():
+        shutil.copy(path, root / "cat" / path.name)
+    cfg = Config(data=str(root), image_size=16, patch_size=4, cache_images=False)
+    splits = P.load_splits(cfg)
+    refused = {n for n, (_, e) in corpus.items() if e == "refused"}
+    skipped = " ".join(splits.skipped)
+    for name in refused:
+        assert corpus[name][0].name in skipped, name
+    assert len(splits.skipped) == len(refused)
+    assert "skipped 5 unreadable file(s)" in caplog.text
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    assert total == 30 + len(corpus) - len(refused)
+    P.with_transforms(splits, cfg)
+    for i in range(len(splits.train)):  # every kept file decodes and transforms
+        image, _ = splits.train[i]
+        assert image.shape == (3, 16, 16)
