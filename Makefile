@@ -71,3 +71,38 @@ mlflow-ui: install ## the MLflow UI over the local store on http://127.0.0.1:500
 
 clean: ## remove generated models, results and runs (keeps .venv)
 	rm -rf metadata/models metadata/results runs metadata/mlflow.db metadata/mlartifacts
+
+# ---- deployment: Dockerfile, kubernetes/, cloudbuild.yaml (README, "Deployment") ----------------
+.PHONY: validate-deploy
+K8S_VERSION ?= 1.33.0
+PROJECT_ID ?= $(shell gcloud config get-value project 2>/dev/null)
+REGISTRY ?= us-central1-docker.pkg.dev/$(PROJECT_ID)/vit
+# The image name the manifests carry until a deploy fills in the real one (as cloudbuild.yaml does).
+K8S_IMAGE_PLACEHOLDER := us-central1-docker.pkg.dev/PROJECT_ID/vit/vit-app:latest
+
+docker-build: ## build the app image (IMAGE:TAG) with metadata/models/model.pth baked in; train first
+	@test -f metadata/models/model.pth || { echo "error: metadata/models/model.pth is missing; train a model first (make all)"; exit 1; }
+	docker build -t $(IMAGE):$(TAG) .
+
+docker-run: ## run the app image on http://localhost:8501 with metadata/models mounted read-only
+	docker run --rm -p 8501:8501 -v "$(CURDIR)/metadata/models:/app/metadata/models:ro" \
+	  -e MODEL_PATH=/app/metadata/models/model.pth $(IMAGE):$(TAG)
+
+# Needs the Google Cloud CLI and kubectl pointed at the cluster (gcloud container clusters
+# get-credentials ...), and REGISTRY/IMAGE:TAG pushed. kubernetes/jobs/ (training) is not applied.
+deploy: ## kubectl apply -f kubernetes/ with the image REGISTRY/IMAGE:TAG (needs gcloud + kubectl)
+	@command -v kubectl >/dev/null 2>&1 || { echo "error: kubectl not found; install the Google Cloud CLI, then: gcloud components install kubectl (README, Deployment)"; exit 1; }
+	@test -n "$(PROJECT_ID)" || { echo "error: no Google Cloud project; run gcloud config set project PROJECT_ID, or pass PROJECT_ID=... or REGISTRY=..."; exit 1; }
+	for f in kubernetes/*.yml; do echo "---"; sed 's|$(K8S_IMAGE_PLACEHOLDER)|$(REGISTRY)/$(IMAGE):$(TAG)|' "$$f"; done \
+	  | kubectl apply -f -
+	kubectl rollout status deployment/vit-app --timeout=10m
+
+validate-deploy: install-dev ## lint Dockerfile, kubernetes/, cloudbuild.yaml and the CI workflow (offline)
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) \
+	  $(shell find kubernetes -name '*.yml' -o -name '*.yaml' | sort)
+	$(BIN)/check-jsonschema --builtin-schema vendor.cloudbuild cloudbuild.yaml
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+
+monitor: install ## check the model for decay and drift on new data (ARGS="--data DIR [--unlabelled]"; exit 1 = retrain)
+	$(PYTHON) source/monitor.py $(ARGS)

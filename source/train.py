@@ -324,10 +324,13 @@ def run(argv=None) -> int:
             best_score, bad_epochs = score, 0
             threshold = None
             if len(classes) == 2:  # binary: pick the decision threshold on validation
-                threshold = M.choose_threshold(
-                    result.labels, result.probs[:, 1], cfg.threshold_rule, cfg.target_tpr
-                )
-                val = M.compute_metrics(result.labels, result.probs, classes, threshold)
+                try:
+                    threshold = M.choose_threshold(
+                        result.labels, result.probs[:, 1], cfg.threshold_rule, cfg.target_tpr
+                    )
+                    val = M.compute_metrics(result.labels, result.probs, classes, threshold)
+                except ValueError as err:  # e.g. a tiny validation split with one class
+                    log.warning("no decision threshold chosen (%s); using argmax", err)
             if main_process:
                 meta = {"val": val, "epoch": epoch + 1, "weights": which}
                 best = ckpt_io.make_checkpoint(candidate, cfg, classes, meta, threshold)
