@@ -44,7 +44,24 @@ import checkpoint as ckpt_io
 import metrics as M
 import preprocessing as P
 import tracking
-from config import ConfigArgumentParser, ConfigError, add_config_arguments, config_from_args
+from config import (
+    MODEL_SIZES,
+    ConfigArgumentParser,
+    ConfigError,
+    add_config_arguments,
+    apply_overrides,
+    config_from_args,
+)
+from config import validate as validate_config
+from distill import DistillationLoss, TeacherError, load_teacher, student_outputs
+from pretrained import (
+    PretrainedError,
+    freeze_all_but_head,
+    infer_config_overrides,
+    load_pretrained,
+    param_groups_layer_decay,
+    unfreeze_all,
+)
 from runtime import (
     autocast_for,
     rng_state,
@@ -56,6 +73,20 @@ from runtime import (
 from transformer import build_model, count_parameters
 
 log = logging.getLogger("train")
+
+
+def explicit_keys(args) -> set[str]:
+    """Config fields given on the command line or in --config (proposed for config.py)."""
+    import json
+
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.config:
+        given |= {
+            k.replace("-", "_"): v for k, v in json.loads(Path(args.config).read_text()).items()
+        }
+    if given.get("model_size", "custom") != "custom":
+        given |= MODEL_SIZES[given["model_size"]]
+    return set(given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +109,13 @@ def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if cfg.pretrained:
+            # The pretrained model's shape and normalisation win over the preset, not over
+            # what the command line (or --config) gives explicitly.
+            given = explicit_keys(args)
+            values = infer_config_overrides(cfg.pretrained)
+            apply_overrides(cfg, {k: v for k, v in values.items() if k not in given})
+            validate_config(cfg)
         rank, world, dist_device = setup_distributed(cfg.device)
         device = dist_device or select_device(cfg.device)
     except (ConfigError, RuntimeError) as err:
@@ -128,12 +166,31 @@ def run(argv=None) -> int:
         )
 
     # ---- model, optimizer, loss -------------------------------------------------------------
-    model = build_model(cfg, num_classes=len(classes)).to(device)
+    model = build_model(cfg, num_classes=len(classes))
+    teacher, pretrained_info = None, None
+    try:
+        if cfg.pretrained and not cfg.resume:  # a resumed run has its own weights
+            pretrained_info = load_pretrained(model, cfg.pretrained)
+            if main_process:
+                print(f"pretrained: {pretrained_info}")
+        if cfg.teacher:
+            prep = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
+            teacher = load_teacher(cfg.teacher, device, classes=classes, preprocessing=prep)
+    except (PretrainedError, TeacherError, ckpt_io.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model = model.to(device)
     n_params = count_parameters(model)
     if main_process:
         print(f"model: {n_params / 1e6:.2f}M parameters")
+    # Every parameter goes in (before any freezing), so unfreezing needs no new optimizer.
+    groups = (
+        param_groups_layer_decay(model, cfg.weight_decay, cfg.layer_decay)
+        if cfg.arch == "vit"
+        else param_groups(model, cfg.weight_decay)
+    )
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda",
@@ -142,16 +199,32 @@ def run(argv=None) -> int:
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.freeze_epochs > 0,  # frozen parameters get no grad
         )
     if cfg.compile:
         train_model = torch.compile(train_model)
     mixer = make_batch_mixer(cfg, len(classes))
     loss_weight = weights.to(device) if cfg.balance == "loss" else None
 
+    def base_loss(logits, y):
+        return soft_cross_entropy(logits, y, cfg.label_smoothing, loss_weight)
+
+    criterion = None
+    if teacher is not None:
+        criterion = DistillationLoss(
+            base_loss, teacher, cfg.distill, alpha=cfg.distill_alpha, tau=cfg.distill_tau
+        )
+
     def loss_fn(x, y):
-        logits = train_model(x)
-        return soft_cross_entropy(logits, y, cfg.label_smoothing, loss_weight), logits
+        if criterion is None:
+            logits = train_model(x)
+            return base_loss(logits, y), logits
+        cls_logits, dist_logits = student_outputs(train_model, x)
+        # accuracy as at inference: the two heads averaged
+        logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+        return criterion(x, (cls_logits, dist_logits), y), logits
 
     # ---- state: fresh or resumed --------------------------------------------------------
     step, epoch, start_batch, best_score, elapsed, history = 0, 0, 0, -math.inf, 0.0, []
@@ -224,6 +297,11 @@ def run(argv=None) -> int:
     while epoch < cfg.epochs and not finished:
         sampler.set_epoch(epoch, start_batch * cfg.batch_size)
         splits.train.epoch = epoch
+        if cfg.freeze_epochs:  # the head alone first, then everything
+            if epoch < cfg.freeze_epochs:
+                freeze_all_but_head(model)
+            else:
+                unfreeze_all(model)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
         bar = tqdm(
@@ -333,7 +411,9 @@ def run(argv=None) -> int:
                     log.warning("no decision threshold chosen (%s); using argmax", err)
             if main_process:
                 meta = {"val": val, "epoch": epoch + 1, "weights": which}
-                best = ckpt_io.make_checkpoint(candidate, cfg, classes, meta, threshold)
+                best = ckpt_io.make_checkpoint(
+                    candidate, cfg, classes, meta, threshold, pretrained=pretrained_info
+                )
                 ckpt_io.save_checkpoint(best, cfg.model_path)
         else:
             bad_epochs += 1

@@ -112,8 +112,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     common = ["--drop-path-rate", "0", "--epochs", "2", "--limit-train-batches", "6"]
     one = train_cmd(tmp_path, "one", *common, "--batch-size", "32")
     two = train_cmd(tmp_path, "two", *common, "--batch-size", "16")
-    two = [os.path.join(os.path.dirname(PY), "torchrun"), "--nproc_per_node", "2",
-           "--master-port", "0", *two[1:]]  # fmt: skip
+    # --standalone: a local rendezvous on a free port.
+    two = [os.path.join(os.path.dirname(PY), "torchrun"), "--standalone", "--nproc_per_node", "2",
+           *two[1:]]  # fmt: skip
     for cmd in (one, two):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
