@@ -67,7 +67,7 @@ serve: install ## the REST API on http://127.0.0.1:8000
 	$(PYTHON) source/serve.py $(ARGS)
 
 mlflow-ui: install ## the MLflow UI over the local store on http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///metadata/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///metadata/mlflow.db --default-artifact-root ./metadata/mlartifacts --host 127.0.0.1 --port 5000
 
 clean: ## remove generated models, results and runs (keeps .venv)
 	rm -rf metadata/models metadata/results runs metadata/mlflow.db metadata/mlartifacts

@@ -24,6 +24,7 @@ import pickle
 import platform
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -101,7 +102,28 @@ def make_checkpoint(model, cfg, classes, metrics=None, threshold=None, **extra) 
     }
 
 
+PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def check_plain(obj, where: str = "checkpoint") -> None:
+    """Refuse anything `torch.load(weights_only=True)` would refuse to read back (numpy
+    scalars, custom classes), naming where it is, before it is written."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            check_plain(key, f"{where} key")
+            check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    elif type(obj) not in PLAIN_TYPES and not isinstance(obj, torch.Tensor):
+        raise TypeError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints hold only "
+            "tensors and plain Python values (convert it with float(), int() or str())"
+        )
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    check_plain(checkpoint)
     atomic_save(checkpoint, path)
 
 
@@ -109,6 +131,13 @@ def _load(path: Path, what: str) -> dict:
     if not path.is_file():
         hint = "train one with `make all` or `python source/train.py`" if what == "model" else ""
         raise CheckpointError(f"no {what} file at {path}; {hint or 'check the path'}")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since 1.6; anything else is another file type
+        # (or a truncated copy), and torch.load would fall back to its legacy pickle reader.
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (not a torch.save archive: "
+            "truncated, or another file type?); retrain or copy it again"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -117,7 +146,7 @@ def _load(path: Path, what: str) -> dict:
             f"({str(err).splitlines()[0][:200]}); only checkpoints written by this project "
             "(plain tensors and values) are accepted"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any other failure means an unusable file
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:200]}); "
             "it may be truncated or another file type, so retrain or copy it again"
@@ -198,3 +227,8 @@ def resume_path(model_path: str | Path) -> Path:
 
 def load_resume(path: str | Path) -> dict:
     return _load(Path(path), "resume")
+
+
+def load_tensors(path: str | Path, what: str = "weights") -> dict:
+    """Any torch.save'd dict of tensors (e.g. pretrained weights), safely (weights_only)."""
+    return _load(Path(path), what)

@@ -377,15 +377,23 @@ class ConfigArgumentParser(argparse.ArgumentParser):
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--preset, --config and one --key option per Config field (with its default)."""
     parser.add_argument(
-        "--preset", default="digits", choices=sorted(PRESETS), help="named starting config"
+        "--preset",
+        default="digits",
+        choices=sorted(PRESETS),
+        help="named starting config (default: digits)",
     )
-    parser.add_argument("--config", default=None, help="JSON file of overrides (after --preset)")
+    parser.add_argument(
+        "--config", default=None, help="JSON file of overrides, after --preset (default: none)"
+    )
     group = parser.add_argument_group("config fields (override the preset)")
     defaults = Config()
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
+        flags = ["--" + f.name.replace("_", "-")]
+        if "_" in f.name:  # --num_heads works as well as --num-heads
+            flags.append("--" + f.name)
         group.add_argument(
-            "--" + f.name.replace("_", "-"),
+            *flags,
             dest="cfg_" + f.name,
             default=None,
             metavar=type(default).__name__.upper(),
@@ -406,6 +414,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(
                 f"config file {path} is not valid JSON ({err}); fix its syntax"
             ) from None
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config file {path} holds a JSON {type(values).__name__}; it must be an object "
+                'of fields, e.g. {"epochs": 10}'
+            )
         apply_overrides(cfg, values)
     overrides = {
         key[4:]: value

@@ -110,8 +110,7 @@ class ImageDataset(Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.images = images  # list of (C, H, W) uint8 tensors, or None: decode lazily
-        self.seed: int | None = None  # set for training: augmentation fixed by (seed, epoch, index)
-        self.epoch = 0
+        self.seed: int | None = None  # set for training: augmentation fixed by (seed, index)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -123,8 +122,8 @@ class ImageDataset(Dataset):
         return decode_image(self.paths[index])
 
     def __getitem__(self, index: int):
-        # index may be "virtual" (repeated augmentation): i and i + n*r are the same image
-        # with different augmentations.
+        # index may be "virtual" (training.EpochSampler): i + k*n is image i, with the
+        # augmentation of epoch / repeat k.
         real = index % len(self)
         try:
             image = self.load(real)
@@ -132,13 +131,16 @@ class ImageDataset(Dataset):
             # A file that broke after the scan: warn and use a neighbour, not crash the epoch.
             log.warning("skipping %s", err)
             return self[(real + 1) % len(self)]
-        if self.seed is not None:
-            # Each sample's augmentation depends only on (seed, epoch, index), whatever the
-            # worker, the batch order or a resume in the middle of the epoch.
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[real]
+        if self.transform is None:
+            return image, self.targets[real]
+        if self.seed is None:
+            return self.transform(image), self.targets[real]
+        # Each sample's augmentation depends only on (seed, virtual index), whatever the
+        # worker, the batch order or a resume mid-epoch; fork_rng keeps the caller's RNG
+        # (dropout, MixUp) untouched when loading in the main process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_000_007 + index)
+            return self.transform(image), self.targets[real]
 
     def subset(self, indices, transform=None) -> ImageDataset:
         return ImageDataset(
@@ -148,18 +150,6 @@ class ImageDataset(Dataset):
             transform,
             None if self.images is None else [self.images[i] for i in indices],
         )
-
-    def cache(self) -> ImageDataset:
-        """Decode every image once and keep it as uint8, when they fit in memory."""
-        if self.images is not None or not self.paths:
-            return self
-        with Image.open(self.paths[0]) as first:
-            estimate = first.width * first.height * 3 * len(self.paths)
-        if estimate > CACHE_LIMIT_BYTES:
-            log.info("not caching: about %.1f GB of pixels", estimate / 1e9)
-            return self
-        self.images = [v2.functional.pil_to_tensor(decode_image(p)) for p in self.paths]
-        return self
 
 
 @dataclass
@@ -171,15 +161,42 @@ class Splits:
     skipped: list  # "path: reason" for every file that could not be read
 
 
-def _scan(samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[str]]:
-    """Drop files that are empty, not images, or cannot be decoded; return (good, reasons)."""
-    good, bad = [], []
+def _fits_in_memory(samples: list[tuple[str, int]]) -> bool:
+    """Whether every image, decoded as uint8, fits the cache (judged from one image)."""
+    for path, _ in samples[:20]:
+        try:
+            with Image.open(path) as img:
+                return img.width * img.height * 3 * len(samples) <= CACHE_LIMIT_BYTES
+        except (OSError, SyntaxError, ValueError):
+            continue
+    return False
+
+
+def scan_images(samples: list[tuple[str, int]], decode: bool = False):
+    """Drop files that are empty, not images, or cannot be decoded.
+
+    decode=False decodes at reduced scale and keeps nothing (large datasets stay lazily
+    decoded); decode=True decodes every pixel and returns the images as uint8 tensors (the
+    in-memory cache), which also catches files truncated after their headers.
+    Returns (good samples, "path: reason" list, images or None).
+    """
+    good, bad, images = [], [], []
     for path, label in samples:
+        if decode:
+            try:
+                images.append(v2.functional.pil_to_tensor(decode_image(path)))
+                good.append((path, label))
+            except ImageError as err:
+                bad.append(str(err))
+            continue
         try:
             if os.path.getsize(path) == 0:
                 raise ImageError(f"{path}: the file is empty (0 bytes)")
             with Image.open(path) as img:
-                img.verify()  # header and structure, without decoding every pixel
+                # Decode the whole stream (a file truncated after its headers fails here),
+                # at 1/8 scale for JPEGs: fast enough to check tens of thousands of files.
+                img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
+                img.load()
             good.append((path, label))
         except ImageError as err:
             bad.append(str(err))
@@ -188,10 +205,10 @@ def _scan(samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[s
         except (OSError, SyntaxError, ValueError) as err:
             reason = "not an image file" if isinstance(err, UnidentifiedImageError) else err
             bad.append(f"{path}: {reason}")
-    return good, bad
+    return good, bad, images if decode else None
 
 
-def _class_folders(root: Path) -> dict[str, list[str]]:
+def class_folders(root: Path) -> dict[str, list[str]]:
     return {
         d.name: sorted(
             str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
@@ -220,10 +237,12 @@ def stratified_split(targets, fractions, seed: int) -> list[list[int]]:
 
 def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
     """by_split: {"train": [(path, label)], "val": [...] or None, "test": [...] or None}."""
-    skipped = []
+    skipped, cached = [], {}
+    everything = [s for samples in by_split.values() if samples for s in samples]
+    decode = cfg.cache_images and _fits_in_memory(everything)
     for name, samples in by_split.items():
         if samples is not None:
-            by_split[name], bad = _scan(samples)
+            by_split[name], bad, cached[name] = scan_images(samples, decode)
             skipped += bad
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped[:50]))
@@ -237,7 +256,9 @@ def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
             f"class(es) {', '.join(empty[:10])} have no readable training images; add images "
             "or remove those folders"
         )
-    full = ImageDataset([p for p, _ in train], [t for _, t in train], classes)
+    full = ImageDataset(
+        [p for p, _ in train], [t for _, t in train], classes, None, cached["train"]
+    )
     missing = [name for name in ("val", "test") if by_split.get(name) is None]
     fractions = [cfg.val_fraction if m == "val" else cfg.test_fraction for m in missing]
     parts = stratified_split(full.targets, fractions, cfg.seed)
@@ -247,10 +268,8 @@ def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
     for name in ("val", "test"):
         if name not in datasets:
             samples = by_split[name]
-            datasets[name] = ImageDataset([p for p, _ in samples], [t for _, t in samples], classes)
-    if cfg.cache_images:
-        for dataset in datasets.values():
-            dataset.cache()
+            paths, targets = [p for p, _ in samples], [t for _, t in samples]
+            datasets[name] = ImageDataset(paths, targets, classes, None, cached[name])
     return Splits(datasets["train"], datasets["val"], datasets["test"], classes, skipped)
 
 
@@ -278,7 +297,7 @@ def load_folder_splits(root: Path, cfg) -> Splits:
         for split, names in SPLIT_DIRS.items()
     }
     if found["train"] is None:  # class folders only
-        folders = _class_folders(root)
+        folders = class_folders(root)
         if not folders:
             raise DataError(
                 f"{root} has no class folders; expected {root}/<class>/<image> or "
@@ -287,7 +306,7 @@ def load_folder_splits(root: Path, cfg) -> Splits:
         classes = list(folders)
         samples = [(p, i) for i, c in enumerate(classes) for p in folders[c]]
         return _from_samples({"train": samples, "val": None, "test": None}, classes, cfg)
-    train_folders = _class_folders(found["train"])
+    train_folders = class_folders(found["train"])
     classes = list(train_folders)
     if not classes:
         raise DataError(f"{found['train']} has no class folders")
@@ -296,7 +315,7 @@ def load_folder_splits(root: Path, cfg) -> Splits:
         if found[split] is None:
             by_split[split] = None
             continue
-        folders = _class_folders(found[split])
+        folders = class_folders(found[split])
         unknown = sorted(set(folders) - set(classes))
         if unknown:
             raise DataError(
@@ -342,8 +361,9 @@ def load_csv_splits(path: Path, cfg) -> Splits:
     by_split: dict = {"train": [], "val": None, "test": None}
     for row in rows:
         rel = Path(row[path_col].strip())
-        candidates = [rel, path.parent / rel, path.parent / "images" / rel]
-        file = next((c for c in candidates if c.is_file()), candidates[1])
+        # Relative to the manifest first (an absolute path stays itself), never the cwd.
+        candidates = [path.parent / rel, path.parent / "images" / rel]
+        file = next((c for c in candidates if c.is_file()), candidates[0])
         split = (row[split_col].strip().lower() if split_col else "train") or "train"
         split = next((s for s, names in SPLIT_DIRS.items() if split in names), None)
         if split is None:
@@ -435,6 +455,9 @@ def make_loader(dataset, cfg, *, train: bool, sampler=None) -> DataLoader:
     workers = cfg.num_workers
     return DataLoader(
         dataset,
+        # Its own generator: creating worker seeds must not draw from the global RNG, so a
+        # resumed run's dropout and MixUp draws match an uninterrupted run's.
+        generator=torch.Generator().manual_seed(cfg.seed),
         batch_size=cfg.batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,

@@ -168,7 +168,7 @@ def _load_tensors(path: Path) -> dict:
                 "download it again"
             ) from None
     try:
-        return ckpt_io._load(path, "pretrained weights")
+        return ckpt_io.load_tensors(path, "pretrained weights")
     except ckpt_io.CheckpointError as err:
         raise PretrainedError(str(err)) from None
 

@@ -97,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+stop = StopRequested()
+
+
 def main(argv=None) -> int:
     try:
         return run(argv)
     finally:
+        stop.uninstall()
         cleanup_distributed()
 
 
@@ -124,11 +128,9 @@ def run(argv=None) -> int:
     main_process = rank == 0
     setup_logging(rank)
     run_name = cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.runs_dir) / run_name
     if main_process:
-        print(f"config (preset {args.preset}; saved to {run_dir}/config.json):")
+        print(f"config (preset {args.preset}):")
         print("  " + "\n  ".join(f"{k} = {v}" for k, v in cfg.to_dict().items()))
-        cfg.to_json(run_dir / "config.json")
     autocast = autocast_for(device, cfg.amp)
     seed_everything(cfg.seed)
 
@@ -265,6 +267,9 @@ def run(argv=None) -> int:
         }
         ckpt_io.atomic_save(state, resume_file)
 
+    run_dir = Path(cfg.runs_dir) / run_name  # after --resume, which keeps the run's name
+    if main_process:
+        cfg.to_json(run_dir / "config.json")
     tracker = tracking.make_tracker(cfg, run_dir, run_name) if main_process else tracking.Tracker()
     tracker.log_params(cfg.to_dict())
     tracker.set_tags(
@@ -291,12 +296,10 @@ def run(argv=None) -> int:
 
     # ---- the loop ---------------------------------------------------------------------------
     progress = Progress(total_steps, cfg.max_minutes, elapsed)
-    stop = StopRequested()
     stop.install()
     last_save, bad_epochs, finished, lr = time.monotonic(), 0, False, get_lr(0, cfg)
     while epoch < cfg.epochs and not finished:
         sampler.set_epoch(epoch, start_batch * cfg.batch_size)
-        splits.train.epoch = epoch
         if cfg.freeze_epochs:  # the head alone first, then everything
             if epoch < cfg.freeze_epochs:
                 freeze_all_but_head(model)
@@ -363,6 +366,7 @@ def run(argv=None) -> int:
                     if main_process:
                         print(f"stopped by SIGTERM; continue with --resume ({resume_file})")
                     tracker.finish("KILLED")
+                    print(tracker.summary())
                     return 0
         bar.close()
         start_batch = 0
@@ -445,7 +449,7 @@ def run(argv=None) -> int:
         device,
         autocast=autocast,
         limit_batches=cfg.limit_eval_batches,
-        features=True,
+        features=hasattr(best_model, "forward_features"),  # a CNN teacher has none
     )
     best["reference"] = reference_statistics(reference)
     ckpt_io.save_checkpoint(best, cfg.model_path)
@@ -454,6 +458,7 @@ def run(argv=None) -> int:
     for artifact in (results_dir / "accuracy_loss.png", cfg.classes_path, cfg.model_path):
         tracker.log_artifact(artifact)
     tracker.finish()
+    print(tracker.summary())
     print(
         f"best epoch {best['metrics']['epoch']} ({best['metrics']['weights']} weights): val "
         f"{cfg.select_metric} {best_score:.4f}; test accuracy {test['accuracy']:.4f} on "

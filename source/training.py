@@ -70,9 +70,11 @@ class EpochSampler(torch.utils.data.Sampler):
     """The order of an epoch, fixed by (seed, epoch), that can start mid-epoch, so a resumed
     run sees exactly the batches of an uninterrupted one.
 
+    - Indices are "virtual": i + k*n is image i (ImageDataset takes i % n) with k counting
+      epochs and repeats, so each epoch (and repeat) gets fresh augmentations even in
+      persistent worker processes that never see the loop's state.
     - repeats > 1: repeated augmentation (Hoffer et al. 2020; DeiT): each drawn image appears
-      `repeats` times in a row; the epoch keeps its length. Indices are "virtual": i and
-      i + n*r name the same image with a different augmentation (ImageDataset takes i % n).
+      `repeats` times in a row; the epoch keeps its length.
     - weights: a class-balanced draw with replacement (WeightedRandomSampler's rule).
     - rank/world: each torchrun process takes every world-th index of the same order.
     """
@@ -88,13 +90,15 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offset = self.epoch * self.repeats * self.n  # this epoch's virtual range
         if self.weights is not None:
-            return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+            drawn = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+            return drawn + offset
         if self.repeats == 1:
-            return torch.randperm(self.n, generator=g)
+            return torch.randperm(self.n, generator=g) + offset
         drawn = torch.randperm(self.n, generator=g)[: math.ceil(self.n / self.repeats)]
         copies = torch.arange(self.repeats).repeat(len(drawn))  # 0, 1, .., r-1, 0, 1, ..
-        return (drawn.repeat_interleave(self.repeats) + copies * self.n)[: self.n]
+        return (drawn.repeat_interleave(self.repeats) + copies * self.n)[: self.n] + offset
 
     def __iter__(self):
         mine = self.order()[self.rank : self.n - self.n % self.world : self.world]
@@ -139,10 +143,19 @@ class StopRequested:
 
     def __init__(self):
         self.requested = False
+        self.previous = None
 
     def install(self) -> None:
+        self.requested = False
         with contextlib.suppress(ValueError):  # not in the main thread: keep the default
-            signal.signal(signal.SIGTERM, self._handle)
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        """Give SIGTERM back to whoever had it (a notebook, a calling script)."""
+        if self.previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
     def _handle(self, signum, frame) -> None:
         log.warning("SIGTERM received: saving the resume state and stopping")

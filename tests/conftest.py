@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "source"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny test models run far faster on one thread (less overhead than work); subprocesses
+# (train.py runs, servers) inherit the setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def make_image(path: Path, label: int, size: int = 20, seed: int = 0) -> Path:

@@ -1,0 +1,502 @@
+"""The training pieces (lr schedule, progress clock, sampler, mixing, EMA, optimizer groups,
+SIGTERM) and train.py end to end: outputs, exact resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import test as test_script
+import torch
+import torch.nn.functional as F
+import train
+import training as T
+
+import checkpoint as C
+from config import PRESETS, Config
+from conftest import make_class_folders, train_smoke
+from transformer import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores shared by many processes: one intra-op thread is much faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def sigterm_guard():
+    """train.main installs a SIGTERM handler and leaves it; give the process its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+# ---- learning-rate schedule -----------------------------------------------------------------
+
+
+def formula(progress: float, lr: float, min_lr: float, warmup: float) -> float:
+    if progress < warmup:
+        return lr * progress / warmup
+    t = (progress - warmup) / (1 - warmup)
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+
+CFG = Config(lr=1e-3, min_lr=1e-5, warmup_fraction=0.1)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_get_lr_matches_the_formula(progress):
+    assert T.get_lr(progress, CFG) == pytest.approx(formula(progress, 1e-3, 1e-5, 0.1), abs=1e-15)
+
+
+def test_get_lr_landmarks():
+    assert T.get_lr(0.0, CFG) == 0.0
+    assert T.get_lr(0.05, CFG) == pytest.approx(5e-4)  # half-way through warmup
+    assert T.get_lr(0.1, CFG) == pytest.approx(1e-3)  # warmup end: the peak
+    assert T.get_lr(0.55, CFG) == pytest.approx((1e-3 + 1e-5) / 2)  # half-way through decay
+    assert T.get_lr(1.0, CFG) == pytest.approx(1e-5)  # the end: min_lr
+    assert T.get_lr(1.7, CFG) == pytest.approx(1e-5) and T.get_lr(-1, CFG) == 0.0
+    no_warmup = Config(lr=2e-3, min_lr=0.0, warmup_fraction=0.0)
+    assert T.get_lr(0.0, no_warmup) == pytest.approx(2e-3)
+    assert T.get_lr(0.5, no_warmup) == pytest.approx(1e-3)
+    lrs = [T.get_lr(p / 100, CFG) for p in range(101)]
+    assert lrs.index(max(lrs)) == 10
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # monotone decay
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_by_steps_without_budget():
+    clock = FakeClock()
+    progress = T.Progress(total_steps=200, max_minutes=0.0, clock=clock)
+    clock.now += 10_000
+    assert progress(50) == 0.25
+    assert progress(200) == 1.0 and progress(300) == 1.0
+
+
+def test_progress_follows_the_clock_when_ahead_of_steps():
+    clock = FakeClock()
+    progress = T.Progress(total_steps=1000, max_minutes=2.0, clock=clock)  # 120 s budget
+    assert progress(0) == 0.0
+    clock.now += 60
+    assert progress(10) == pytest.approx(0.5)  # time ahead of steps
+    assert progress(900) == pytest.approx(0.9)  # steps ahead of time
+    clock.now += 60
+    assert progress(10) == 1.0
+    clock.now += 60
+    assert progress(10) == 1.0
+    assert progress.elapsed == pytest.approx(180)
+
+
+def test_lr_under_a_time_budget_follows_the_fake_clock():
+    cfg = Config(lr=1e-3, min_lr=1e-5, warmup_fraction=0.05, max_minutes=1.0)
+    clock = FakeClock()
+    progress = T.Progress(total_steps=10_000, max_minutes=cfg.max_minutes, clock=clock)
+    assert T.get_lr(progress(0), cfg) == 0.0
+    clock.now += 30
+    assert T.get_lr(progress(3), cfg) == pytest.approx(formula(0.5, 1e-3, 1e-5, 0.05))
+    clock.now += 30
+    assert T.get_lr(progress(6), cfg) == pytest.approx(1e-5)
+
+
+def test_progress_resumes_with_elapsed_time():
+    clock = FakeClock()
+    progress = T.Progress(total_steps=1000, max_minutes=1.0, elapsed=45.0, clock=clock)
+    assert progress(0) == pytest.approx(0.75)
+    assert progress.elapsed == pytest.approx(45.0)
+
+
+# ---- EpochSampler ---------------------------------------------------------------------------
+
+
+def test_sampler_order_fixed_by_seed_and_epoch():
+    a, b = T.EpochSampler(50, seed=3), T.EpochSampler(50, seed=3)
+    first = list(a)
+    assert first == list(b)
+    assert sorted(first) == list(range(50))
+    a.set_epoch(1)
+    second = list(a)
+    # epoch 1's virtual indices are 50..99: the same images (i % 50), fresh augmentations
+    assert sorted(second) == list(range(50, 100))
+    assert [i % 50 for i in second] != first
+    b.set_epoch(1)
+    assert list(b) == second
+    assert list(T.EpochSampler(50, seed=4)) != first
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 49, 50])
+def test_sampler_start_skips_exactly_k(start):
+    sampler = T.EpochSampler(50, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start=start)
+    assert list(sampler) == full[start:]
+    assert len(sampler) == 50 - start
+
+
+class ModuloDataset(torch.utils.data.Dataset):
+    """Like ImageDataset: a virtual index i + k*n names item i."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return (torch.tensor(index % self.n),)
+
+
+def test_sampler_resume_gives_the_remaining_batches():
+    data = ModuloDataset(40)
+    sampler = T.EpochSampler(40, seed=0)
+    sampler.set_epoch(3)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+    full = [b[0].tolist() for b in loader]
+    sampler.set_epoch(3, start=2 * 8)
+    assert [b[0].tolist() for b in loader] == full[2:]
+
+
+def test_repeated_augmentation():
+    n, r = 12, 3
+    sampler = T.EpochSampler(n, seed=5, repeats=r)
+    order = list(sampler)
+    assert len(order) == n == len(sampler)  # the epoch keeps its length
+    assert len(set(order)) == n  # every virtual index is distinct ...
+    real = [i % n for i in order]
+    counts = Counter(real)
+    assert len(counts) == n // r and set(counts.values()) == {r}  # ... each image r times
+    for k in range(0, n, r):
+        assert len(set(real[k : k + r])) == 1  # in a row
+        assert sorted(i // n for i in order[k : k + r]) == list(range(r))  # i + n*copy
+    sampler.set_epoch(1)
+    assert [i % n for i in sampler] != real
+    odd = T.EpochSampler(10, seed=5, repeats=3)
+    assert len(list(odd)) == 10 == len(odd)
+
+
+def test_repeated_indices_map_to_the_same_image():
+    import preprocessing as P
+
+    images = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(6)]
+    ds = P.ImageDataset([f"m/{i}" for i in range(6)], list(range(6)), list("abcdef"), None, images)
+    sampler = T.EpochSampler(6, seed=0, repeats=2)
+    for virtual in sampler:
+        image, label = ds[virtual]
+        assert label == virtual % 6 and int(image[0, 0, 0]) == virtual % 6
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (12, 4), (7, 2)])
+def test_sampler_sharding_is_disjoint_and_covers_the_epoch(n, world):
+    reference = T.EpochSampler(n, seed=9)
+    reference.set_epoch(4)
+    order = list(reference)
+    parts = []
+    for rank in range(world):
+        sampler = T.EpochSampler(n, seed=9, rank=rank, world=world)
+        sampler.set_epoch(4)
+        part = list(sampler)
+        assert len(part) == len(sampler) == n // world
+        parts.append(part)
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert set(flat) == set(order[: n - n % world])  # the whole (evenly divisible) epoch
+
+
+def test_weighted_sampler_balances_classes():
+    targets = torch.tensor([0] * 900 + [1] * 100)
+    weights = T.class_weights(targets, 2)
+    assert torch.allclose(weights, torch.tensor([1000 / 1800, 1000 / 200]))
+    sampler = T.EpochSampler(1000, seed=0, weights=weights[targets])
+    drawn = list(sampler)
+    assert len(drawn) == 1000
+    share = (targets[drawn] == 1).float().mean().item()
+    assert 0.4 < share < 0.6  # 0.1 without balancing
+    assert list(sampler) == drawn  # still fixed by (seed, epoch)
+
+
+# ---- batch mixing, loss, EMA, optimizer groups ----------------------------------------------
+
+
+def batch(b: int = 6, c: int = 5):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 4, 0][:b])
+
+
+def test_no_mixer_when_both_off():
+    assert T.make_batch_mixer(Config(mixup_alpha=0.0, cutmix_alpha=0.0), 5) is None
+
+
+def test_mixup_soft_targets_and_images():
+    torch.manual_seed(0)
+    mixer = T.make_batch_mixer(Config(mixup_alpha=0.4), 5)
+    x, y = batch()
+    mx, my = mixer(x, y)
+    assert my.shape == (6, 5) and mx.shape == x.shape
+    assert torch.allclose(my.sum(1), torch.ones(6))
+    lam = my[1, y[1]].item()  # y[1] != y[0], so this entry is lam alone
+    onehot = F.one_hot(y, 5).float()
+    assert torch.allclose(my, lam * onehot + (1 - lam) * onehot.roll(1, 0), atol=1e-6)
+    assert torch.allclose(mx, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-5)
+
+
+def test_cutmix_soft_targets_and_images():
+    torch.manual_seed(1)
+    mixer = T.make_batch_mixer(Config(cutmix_alpha=1.0), 5)
+    x, y = batch()
+    mx, my = mixer(x, y)
+    assert my.shape == (6, 5)
+    assert torch.allclose(my.sum(1), torch.ones(6))
+    from_self = (mx == x).all(dim=1)  # (B, H, W): pixel kept
+    from_other = (mx == x.roll(1, 0)).all(dim=1)  # pixel pasted from the previous image
+    assert (from_self | from_other).all()
+    kept = from_self[1].float().mean().item()  # y[1] != y[0]: its entry is the kept share
+    assert 0 < kept < 1
+    assert my[1, y[1]].item() == pytest.approx(kept, abs=1e-6)
+
+
+def test_mixup_and_cutmix_together_pick_one():
+    mixer = T.make_batch_mixer(Config(mixup_alpha=0.2, cutmix_alpha=1.0), 5)
+    x, y = batch()
+    _, my = mixer(x, y)
+    assert my.shape == (6, 5) and torch.allclose(my.sum(1), torch.ones(6))
+
+
+def test_soft_cross_entropy_hard_equals_one_hot():
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1, 2])
+    hard = T.soft_cross_entropy(logits, y, 0.1)
+    soft = T.soft_cross_entropy(logits, F.one_hot(y, 3).float(), 0.1)
+    assert torch.allclose(hard, soft)
+    assert torch.allclose(hard, F.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def smoke_model(**kw):
+    torch.manual_seed(0)
+    return build_model(Config.from_dict({**PRESETS["smoke"](), **kw}), num_classes=4)
+
+
+def test_ema_follows_the_live_weights():
+    assert T.make_ema(smoke_model(), 0.0) is None
+    model = smoke_model()
+    ema = T.make_ema(model, 0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for _ in range(4):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update_parameters(model)
+    live = dict(model.named_parameters())
+    averaged = dict(ema.module.named_parameters())
+    assert set(live) == set(averaged)
+    assert any(not torch.equal(averaged[k], live[k]) for k in live)
+
+    # With the live weights frozen, one update moves every weight 10% of the way to them.
+    before = {k: v.detach().clone() for k, v in averaged.items()}
+    ema.update_parameters(model)
+    for k, p in live.items():
+        expected = 0.9 * before[k] + 0.1 * p.detach()
+        assert torch.allclose(averaged[k], expected, atol=1e-6), k
+    gap_before = sum((before[k] - live[k]).norm().item() for k in live)
+    gap_after = sum((averaged[k] - live[k]).norm().item() for k in live)
+    assert gap_after == pytest.approx(0.9 * gap_before, rel=1e-4)
+
+
+def test_param_groups_skip_decay_on_biases_norms_and_tokens():
+    model = smoke_model(teacher="t.pth")  # distilled: a dist_token too
+    model.head_dist.weight.requires_grad_(False)  # frozen parameters are left out
+    groups = T.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert not decay & no_decay
+    assert decay | no_decay == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"cls_token", "pos_embed", "dist_token", "norm.weight", "norm.bias"} <= no_decay
+    assert all(
+        n.endswith(".bias") or "norm" in n or "token" in n or n == "pos_embed" for n in no_decay
+    )
+    assert all(n.endswith(".weight") and "norm" not in n for n in decay)
+    assert "blocks.0.attn.qkv.weight" in decay and "patch_embed.proj.weight" in decay
+    assert "blocks.0.norm1.weight" in no_decay and "blocks.1.mlp.fc2.bias" in no_decay
+    assert "head_dist.weight" not in decay | no_decay
+
+
+# ---- SIGTERM --------------------------------------------------------------------------------
+
+
+def test_stop_requested_flips_on_sigterm(sigterm_guard):
+    stop = T.StopRequested()
+    stop.install()
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while not stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stop.requested
+
+
+# ---- train.py end to end --------------------------------------------------------------------
+
+
+def read_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_smoke_run_then_test_script(tmp_path, sigterm_guard):
+    model_path = train_smoke(tmp_path)
+    assert model_path == tmp_path / "models" / "model.pth" and model_path.is_file()
+    assert (tmp_path / "classes.txt").read_text().split() == [str(d) for d in range(10)]
+    curves = tmp_path / "results" / "accuracy_loss.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "runs" / "smoke" / "config.json").read_text())["depth"] == 2
+
+    ckpt = C.load_checkpoint(model_path)
+    assert read_ckpt(model_path).keys() == ckpt.keys()
+    assert ckpt["config"]["data"] == "digits" and ckpt["config"]["embed_dim"] == 32
+    assert ckpt["classes"] == [str(d) for d in range(10)]
+    assert ckpt["preprocessing"] == {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert {"val", "test"} <= set(ckpt["metrics"])
+    assert 0.0 <= ckpt["metrics"]["val"]["accuracy"] <= 1.0
+    assert ckpt["metrics"]["test"]["num_samples"] == 269
+    assert {"created", "git_commit", "torch", "python"} <= set(ckpt["provenance"])
+
+    out = tmp_path / "eval"
+    assert test_script.main(["--model-path", str(model_path), "--results-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 269
+    # test.py and the training run's own test evaluation agree (same split, same model).
+    assert metrics["accuracy"] == pytest.approx(ckpt["metrics"]["test"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_smoke_run_on_an_image_folder(tmp_path, sigterm_guard):
+    data = make_class_folders(tmp_path / "images")
+    model_path = train_smoke(tmp_path / "run", "--data", str(data))
+    assert (tmp_path / "run" / "classes.txt").read_text().split() == ["cat", "dog", "owl"]
+    ckpt = C.load_checkpoint(model_path)
+    assert ckpt["classes"] == ["cat", "dog", "owl"]
+    assert ckpt["config"]["data"] == str(data)
+    assert ckpt["metrics"]["test"]["num_samples"] == 6
+    out = tmp_path / "eval"
+    assert test_script.main(["--model-path", str(model_path), "--results-dir", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 6
+
+
+FAST = ("--limit-eval-batches", "1")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+def kill_at_step(monkeypatch, step: int) -> None:
+    """SIGTERM this process while train.py computes the lr of `step` (0-based)."""
+    calls = {"n": 0}
+    real = train.get_lr
+
+    def get_lr(progress, cfg):
+        calls["n"] += 1
+        if calls["n"] == step + 2:  # call 1 is the initial lr before the loop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(progress, cfg)
+
+    monkeypatch.setattr(train, "get_lr", get_lr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param((), id="plain"),
+        pytest.param(("--ema-decay", "0.9", "--mixup-alpha", "0.2"), id="ema-mixup"),
+        pytest.param(
+            ("--num-workers", "1"),
+            id="workers",
+        ),
+    ],
+)
+def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch, sigterm_guard, extra):
+    signal.signal(signal.SIGTERM, lambda *_: None)  # never kill pytest if train.py forgot
+    straight = train_smoke(tmp_path / "straight", *FAST, *extra)
+
+    kill_at_step(monkeypatch, 5)  # epoch 2 of 2, batch 2 of 4
+    killed = train_smoke(tmp_path / "killed", *FAST, *extra)
+    monkeypatch.undo()
+    state = read_ckpt(C.resume_path(killed))
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
+    train_smoke(tmp_path / "killed", *FAST, *extra, "--resume", "true")
+
+    a, b = read_ckpt(C.resume_path(straight)), read_ckpt(C.resume_path(killed))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
+    assert_same_state(a["model"], b["model"])
+    if a["ema"] is not None:
+        assert_same_state(a["ema"], b["ema"])
+    final_a, final_b = read_ckpt(straight), read_ckpt(killed)
+    assert final_a["metrics"]["epoch"] == final_b["metrics"]["epoch"]
+    assert_same_state(final_a["state_dict"], final_b["state_dict"])
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_continues_exactly(tmp_path, sigterm_guard):
+    # A constant lr (min_lr = lr, no warmup) makes the schedule independent of --epochs, so
+    # one epoch + a resumed second must equal two epochs in one go. (With the cosine schedule
+    # the first run would decay over 1 epoch, a legitimate difference.)
+    common = ("--lr", "1e-3", "--min-lr", "1e-3", "--warmup-fraction", "0", *FAST)
+    common += ("--limit-train-batches", "4", "--seed", "3")
+    straight = train_smoke(tmp_path / "straight", *common, "--epochs", "2")
+    resumed = train_smoke(tmp_path / "resumed", *common, "--epochs", "1")
+    assert read_ckpt(C.resume_path(resumed))["epoch"] == 1
+    train_smoke(tmp_path / "resumed", *common, "--epochs", "2", "--resume", "true")
+    a, b = read_ckpt(C.resume_path(straight)), read_ckpt(C.resume_path(resumed))
+    assert b["epoch"] == 2 and b["step"] == a["step"] == 8
+    assert_same_state(a["model"], b["model"])
+    assert [row["val_accuracy"] for row in a["history"]] == [
+        row["val_accuracy"] for row in b["history"]
+    ]
+    final_a, final_b = read_ckpt(straight), read_ckpt(resumed)
+    if final_a["metrics"]["epoch"] == final_b["metrics"]["epoch"]:
+        assert_same_state(final_a["state_dict"], final_b["state_dict"])
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_exit_code_1(tmp_path, capsys, sigterm_guard):
+    argv = [
+        "--preset", "smoke", "--lr", "1e6",
+        "--model-path", str(tmp_path / "m.pth"), "--results-dir", str(tmp_path / "r"),
+        "--classes-path", str(tmp_path / "c.txt"), "--runs-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: the loss became nan at step" in err
+    assert "lower --lr" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.slow
+def test_train_main_restores_the_sigterm_handler(tmp_path, sigterm_guard):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    train_smoke(tmp_path, "--epochs", "1", "--limit-train-batches", "1", *FAST)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
