@@ -69,6 +69,16 @@ serve: install ## the REST API on http://127.0.0.1:8000
 mlflow-ui: install ## the MLflow UI over the local store on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///metadata/mlflow.db --default-artifact-root ./metadata/mlartifacts --host 127.0.0.1 --port 5000
 
+benchmark: install-dev ## speed and serving benchmarks (results in metadata/results/*.md)
+	$(PYTHON) benchmarks/speed.py $(ARGS)
+	$(PYTHON) benchmarks/serving.py
+
+learning-benchmark: install ## accuracy vs minutes on ../shared/data/cifar10-dev.tar.gz (5/15/30 min)
+	$(PYTHON) benchmarks/learning.py $(ARGS)
+
+notebook: install-dev ## execute notebooks/ViT.ipynb (outputs stay out of git)
+	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir /tmp notebooks/ViT.ipynb
+
 clean: ## remove generated models, results and runs (keeps .venv)
 	rm -rf metadata/models metadata/results runs metadata/mlflow.db metadata/mlartifacts
 

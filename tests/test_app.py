@@ -1,0 +1,191 @@
+"""The Streamlit app through streamlit.testing.v1.AppTest: uploads, errors, the threshold
+slider, the model panel, examples, the cached model and the attention toggle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+from test_predict import binary_checkpoint
+
+import predict
+from predict import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "source" / "app.py")
+SAMPLES = ROOT / "assets" / "samples"
+
+
+def run_app(monkeypatch, model_path) -> AppTest:
+    monkeypatch.setenv("MODEL_PATH", str(model_path))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def upload(at: AppTest, *files: tuple[str, bytes]) -> AppTest:
+    at.file_uploader[0].set_value([(name, data, "image/png") for name, data in files])
+    at.run()
+    return at
+
+
+def chart_data(element):
+    """The data behind an st.altair_chart (Arrow IPC bytes in the element's proto)."""
+    return pa.ipc.open_stream(element.proto.datasets[0].data.data).read_pandas()
+
+
+def predictions_shown(at: AppTest) -> list[str]:
+    return [m.value for m in at.main.markdown if m.value.startswith("**Prediction:")]
+
+
+def test_an_upload_shows_the_top5_table_and_chart(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    data = (SAMPLES / "digit-7.png").read_bytes()
+    [expected] = Predictor(smoke_model, device="cpu").predict(data)
+
+    upload(at, ("digit-7.png", data))
+    assert not at.exception and not at.error
+    assert predictions_shown(at) == [
+        f"**Prediction: {expected.predicted}** ({expected.probability:.1%})"
+    ]
+    [table] = at.main.dataframe
+    assert list(table.value["class"]) == [c for c, _ in expected.topk] and len(table.value) == 5
+    assert list(table.value["probability"]) == pytest.approx([p for _, p in expected.topk])
+    [chart] = at.main.get("vega_lite_chart")
+    bars = chart_data(chart)
+    assert list(bars["class"]) == [c for c, _ in expected.topk]
+    assert list(bars["predicted"]) == [True, False, False, False, False]
+    assert at.main.markdown[0].value == "1 of 1 image(s) classified."
+    assert at.main.get("download_button")[0].proto.label == "Download predictions (CSV)"
+
+
+def test_a_corrupt_upload_shows_an_error_and_the_others_still_work(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    good = (SAMPLES / "digit-3.png").read_bytes()
+    upload(at, ("notes.png", b"just some text, not an image"), ("digit-3.png", good))
+    assert [e.value for e in at.error] == [
+        "**notes.png**: not an image file (or an unsupported format)"
+    ]
+    assert len(predictions_shown(at)) == 1 and len(at.main.dataframe) == 1
+    assert at.main.markdown[0].value == "1 of 2 image(s) classified."
+
+
+def test_a_text_file_is_refused_by_the_uploader(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    at.file_uploader[0].set_value(("notes.txt", b"hello", "text/plain"))
+    at.run()
+    # Streamlit's own type filter (the browser's file picker hides such files too).
+    assert "Invalid file extension: `.txt`" in at.exception[0].value
+    assert ".png" in at.exception[0].value
+
+
+def test_the_threshold_slider_changes_the_binary_decision(monkeypatch, tmp_path):
+    model = binary_checkpoint(tmp_path / "binary.pth", threshold=0.37)
+    [expected] = Predictor(model, device="cpu").predict(SAMPLES / "digit-0.png")
+    p_pos = float(expected.probs[1])  # about 0.69
+    at = run_app(monkeypatch, model)
+    [slider] = at.sidebar.slider
+    assert slider.value == pytest.approx(0.37)  # starts at the stored threshold
+    assert slider.label == "Decision threshold for 'pos'"
+    upload(at, ("digit-0.png", (SAMPLES / "digit-0.png").read_bytes()))
+    assert predictions_shown(at) == [f"**Prediction: pos** ({p_pos:.1%})"]
+
+    at.sidebar.slider[0].set_value(round(p_pos + 0.05, 3)).run()
+    assert predictions_shown(at) == [f"**Prediction: neg** ({1 - p_pos:.1%})"]
+    caption = [c.value for c in at.main.caption if c.value.startswith("p(pos)")]
+    assert caption == [f"p(pos) = {p_pos:.3f}; pos when at least the threshold {p_pos + 0.05:.3f}"]
+
+    at.sidebar.slider[0].set_value(round(p_pos - 0.05, 3)).run()
+    assert predictions_shown(at) == [f"**Prediction: pos** ({p_pos:.1%})"]
+
+
+def test_no_threshold_slider_for_multiclass_models(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    assert len(at.sidebar.slider) == 0
+
+
+def test_the_model_panel_reads_the_checkpoint(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    predictor = Predictor(smoke_model, device="cpu")
+    metrics = {m.label: m.value for m in at.sidebar.metric}
+    assert metrics["classes"] == "10"
+    assert metrics["image size"] == "16 px"
+    assert metrics["parameters"] == f"{predictor.num_parameters / 1e6:.2f} M"
+    captions = [c.value for c in at.sidebar.caption]
+    assert "Classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in captions
+    created = predictor.checkpoint["provenance"]["created"]
+    assert any(c.startswith(f"Trained {created}") for c in captions)
+    [table] = at.sidebar.dataframe
+    test_accuracy = predictor.checkpoint["metrics"]["test"]["accuracy"]
+    assert table.value.loc["accuracy", "test"] == pytest.approx(test_accuracy)
+    assert at.sidebar.json[0].value  # the training config
+
+
+def test_examples_are_offered_when_nothing_is_uploaded(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    [picker] = at.multiselect
+    assert picker.options == sorted(p.name for p in SAMPLES.glob("*.png"))
+    assert len(picker.options) == 6
+    assert picker.value == picker.options[:3]
+    assert len(predictions_shown(at)) == 3
+    picker.set_value(["digit-9.png"]).run()
+    [expected] = Predictor(smoke_model, device="cpu").predict(SAMPLES / "digit-9.png")
+    assert predictions_shown(at) == [
+        f"**Prediction: {expected.predicted}** ({expected.probability:.1%})"
+    ]
+
+
+def test_the_examples_are_test_split_digits():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from config import PRESETS, Config
+    from preprocessing import load_digits_splits
+
+    test = load_digits_splits(Config.from_dict(PRESETS["digits"]())).test
+    for path in SAMPLES.glob("*.png"):
+        label = path.stem.removeprefix("digit-")
+        pixels = v2.functional.pil_to_tensor(Image.open(path).convert("RGB"))
+        same = [test.classes[t] for image, t in zip(test.images, test.targets, strict=True)
+                if image.equal(pixels)]  # fmt: skip
+        assert same and set(same) == {label}, path.name
+
+
+def test_a_missing_model_explains_how_to_make_one(monkeypatch, tmp_path):
+    at = run_app(monkeypatch, tmp_path / "nowhere" / "model.pth")
+    assert "No model at" in at.error[0].value
+    assert [c.value for c in at.code] == ["make all"]
+    assert not at.file_uploader
+
+
+def test_the_model_is_loaded_once_not_per_interaction(monkeypatch, smoke_model, tmp_path):
+    model = tmp_path / "copy.pth"  # a path no earlier test cached
+    shutil.copy(smoke_model, model)
+    loads = []
+    original = predict.Predictor.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(args)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(predict.Predictor, "__init__", counting_init)
+    at = run_app(monkeypatch, model)
+    upload(at, ("digit-5.png", (SAMPLES / "digit-5.png").read_bytes()))
+    at.sidebar.toggle[0].set_value(True).run()
+    at.run()
+    assert len(loads) == 1
+
+
+def test_the_attention_toggle_adds_an_overlay(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    upload(at, ("digit-8.png", (SAMPLES / "digit-8.png").read_bytes()))
+    assert [img.captions for img in at.main.get("image")] == [["digit-8.png"]]
+    at.sidebar.toggle[0].set_value(True).run()
+    assert not at.exception and not at.warning
+    captions = [img.captions for img in at.main.get("image")]
+    assert captions == [["digit-8.png"], ["attention (rollout)"]]
+    assert len(predictions_shown(at)) == 1

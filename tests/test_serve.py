@@ -1,0 +1,171 @@
+"""The REST API through FastAPI's TestClient: predict, health, metadata, 400s and 413s; the CLI's
+errors; and the serving benchmark in --quick mode against a real uvicorn server."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import serve
+from checkpoint import CheckpointError, load_checkpoint
+from predict import Predictor
+from serve import create_app
+
+SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "samples" / "digit-3.png"
+
+
+@pytest.fixture(scope="module")
+def client(smoke_model):
+    with TestClient(create_app(smoke_model, device="cpu")) as c:  # runs the lifespan
+        yield c
+
+
+@pytest.fixture(scope="module")
+def predictor(smoke_model) -> Predictor:
+    return Predictor(smoke_model, device="cpu")
+
+
+def png(colour=(200, 30, 90), size=(20, 12)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_one_image(client, predictor):
+    data = SAMPLE.read_bytes()
+    response = client.post("/predict?topk=3", files={"files": ("digit-3.png", data, "image/png")})
+    assert response.status_code == 200
+    body = response.json()
+    [expected] = predictor.predict(data, topk=3)
+    assert body["classes"] == predictor.classes
+    [p] = body["predictions"]
+    assert p["source"] == "digit-3.png" and p["error"] is None
+    assert p["predicted"] == expected.predicted
+    assert p["probability"] == pytest.approx(expected.probability)
+    assert [t["class"] for t in p["topk"]] == [c for c, _ in expected.topk]
+    assert [t["probability"] for t in p["topk"]] == pytest.approx([q for _, q in expected.topk])
+
+
+def test_predict_several_images_with_one_bad(client, predictor):
+    files = [
+        ("files", ("red.png", png(), "image/png")),
+        ("files", ("notes.png", b"plain text", "image/png")),
+        ("files", ("blue.png", png((10, 20, 250)), "image/png")),
+    ]
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["source"] for p in predictions] == ["red.png", "notes.png", "blue.png"]
+    assert predictions[1]["error"] == "not an image file (or an unsupported format)"
+    assert predictions[1]["topk"] == [] and predictions[1]["predicted"] is None
+    expected = predictor.predict([png(), png((10, 20, 250))])
+    assert [predictions[0]["predicted"], predictions[2]["predicted"]] == [
+        e.predicted for e in expected
+    ]
+    assert all(len(p["topk"]) == 5 for p in (predictions[0], predictions[2]))
+
+
+def test_health(client, smoke_model):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "model_path": str(smoke_model)}
+
+
+def test_metadata_comes_from_the_checkpoint(client, smoke_model):
+    ckpt = load_checkpoint(smoke_model)
+    body = client.get("/metadata").json()
+    assert body["api_version"] == serve.API_VERSION
+    assert body["classes"] == ckpt["classes"] and body["num_classes"] == 10
+    assert body["image_size"] == ckpt["preprocessing"]["image_size"]
+    assert body["metrics"] == json.loads(json.dumps(ckpt["metrics"]))
+    assert body["provenance"]["git_commit"] == ckpt["provenance"]["git_commit"]
+    assert body["provenance"]["created"] == ckpt["provenance"]["created"]
+    assert body["threshold"] is None and body["num_parameters"] > 0
+
+
+@pytest.mark.parametrize(
+    ("files", "query", "message"),
+    [
+        ([("files", ("notes.txt", b"hello", "text/plain"))], "",
+         "notes.txt: not an image file (or an unsupported format)"),
+        ([("files", ("empty.png", b"", "image/png"))], "", "empty.png: the file is empty (0 bytes)"),
+        ([("image", ("a.png", png(), "image/png"))], "",
+         "no image uploaded; send images as multipart form field 'files'"),
+        ([("files", ("a.png", png(), "image/png"))], "?topk=0",
+         "query.topk: Input should be greater than or equal to 1"),
+        ([("files", ("a.png", png(), "image/png"))], "?topk=many",
+         "query.topk: Input should be a valid integer"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_400_naming_the_problem(client, files, query, message):
+    response = client.post(f"/predict{query}", files=files)
+    assert response.status_code == 400
+    assert message in response.json()["detail"]
+
+
+def test_a_body_over_the_limit_gets_413(smoke_model):
+    app = create_app(smoke_model, max_upload_bytes=20_000, device="cpu")
+    with TestClient(app) as c:
+        small = c.post("/predict", files={"files": ("a.png", png(), "image/png")})
+        assert small.status_code == 200
+        big = c.post("/predict", files={"files": ("big.png", b"\0" * 30_000, "image/png")})
+        assert big.status_code == 413
+        assert big.json()["detail"].startswith("request body over the 0.02 MB limit")
+
+        def chunks():  # no Content-Length: counted as it streams in
+            for _ in range(10):
+                yield b"x" * 5_000
+
+        streamed = c.post(
+            "/predict",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+        assert streamed.status_code == 413
+
+
+def test_the_limit_comes_from_the_environment(monkeypatch, smoke_model):
+    monkeypatch.setenv("MAX_UPLOAD_MB", "0.01")
+    with TestClient(create_app(smoke_model, device="cpu")) as c:
+        response = c.post("/predict", files={"files": ("a.png", b"\0" * 20_000, "image/png")})
+        assert response.status_code == 413
+
+
+def test_model_path_from_the_environment(monkeypatch, smoke_model):
+    monkeypatch.setenv("MODEL_PATH", str(smoke_model))
+    with TestClient(create_app(device="cpu")) as c:
+        assert c.get("/health").json()["model_path"] == str(smoke_model)
+
+
+def test_a_bad_model_fails_at_start_up(tmp_path):
+    broken = tmp_path / "model.pth"
+    broken.write_bytes(b"not a checkpoint")
+    app = create_app(broken, device="cpu")  # nothing is loaded before start-up
+    with (
+        pytest.raises(CheckpointError, match=r"model\.pth is not a .*checkpoint"),
+        TestClient(app),
+    ):
+        pass
+
+
+def test_cli_refuses_a_missing_model(tmp_path, capsys):
+    assert serve.main(["--model-path", str(tmp_path / "none.pth")]) == 2
+    assert "no model file at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick(smoke_model, tmp_path):
+    import serving
+
+    out = tmp_path / "serving.md"
+    assert serving.main(["--quick", "--model-path", str(smoke_model), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Serving benchmark")
+    assert "| API one image, p50 (target < 20 ms) |" in text
+    assert "| Predictor, batches of 32 |" in text
+    assert "images/s" in text and "x (" in text
