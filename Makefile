@@ -77,7 +77,7 @@ learning-benchmark: install ## accuracy vs minutes on ../shared/data/cifar10-dev
 	$(PYTHON) benchmarks/learning.py $(ARGS)
 
 notebook: install-dev ## execute notebooks/ViT.ipynb (outputs stay out of git)
-	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir /tmp notebooks/ViT.ipynb
+	cd notebooks && ../$(BIN)/jupyter-execute ViT.ipynb
 
 clean: ## remove generated models, results and runs (keeps .venv)
 	rm -rf metadata/models metadata/results runs metadata/mlflow.db metadata/mlartifacts
