@@ -25,20 +25,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from training import (
-    EpochSampler,
-    Progress,
-    StopRequested,
-    broadcast_flag,
-    class_weights,
-    cleanup_distributed,
-    get_lr,
-    make_batch_mixer,
-    make_ema,
-    param_groups,
-    setup_distributed,
-    soft_cross_entropy,
-)
 
 import checkpoint as ckpt_io
 import metrics as M
@@ -69,6 +55,20 @@ from runtime import (
     select_device,
     set_rng_state,
     setup_logging,
+)
+from training import (
+    EpochSampler,
+    Progress,
+    StopRequested,
+    broadcast_flag,
+    class_weights,
+    cleanup_distributed,
+    get_lr,
+    make_batch_mixer,
+    make_ema,
+    param_groups,
+    setup_distributed,
+    soft_cross_entropy,
 )
 from transformer import build_model, count_parameters
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-import training as T
 from PIL import Image
 
 import preprocessing as P
+import training as T
 from config import Config
 from conftest import make_image
 

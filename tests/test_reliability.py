@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from badfiles import make_corpus
 
 import preprocessing as P
+from badfiles import make_corpus
 from config import Config
 from conftest import ROOT, make_class_folders
 

@@ -12,13 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import test as test_script
 import torch
 import torch.nn.functional as F
 import train
-import training as T
 
 import checkpoint as C
+import test as test_script
+import training as T
 from config import PRESETS, Config
 from conftest import make_class_folders, train_smoke
 from transformer import build_model

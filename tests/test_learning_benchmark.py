@@ -1,0 +1,32 @@
+"""benchmarks/learning.py works end to end in quick mode (that it works, not how well)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+
+import learning
+from conftest import make_class_folders
+
+
+@pytest.mark.slow
+def test_learning_benchmark_quick(tmp_path):
+    images = make_class_folders(tmp_path / "src" / "cifar10-dev", per_class=10)
+    tar = tmp_path / "dev.tar.gz"
+    with tarfile.open(tar, "w:gz") as archive:
+        archive.add(images, arcname="cifar10-dev")
+    out = tmp_path / "results"
+    assert learning.main(["--quick", "--tar", str(tar), "--out", str(out)]) == 0
+    table = (out / "learning.md").read_text()
+    assert "| budget (min) | test accuracy |" in table and "Ablation" in table
+    data = json.loads((out / "learning.json").read_text())
+    assert len(data["budgets"]) == 1 and len(data["ablation"]) == 2
+    assert 0.0 <= data["budgets"][0]["test_accuracy"] <= 1.0
+    assert (out / "learning.png").stat().st_size > 1000
+
+
+def test_missing_archive_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="not found; pass --tar"):
+        learning.main(["--quick", "--tar", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)])
