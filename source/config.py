@@ -126,17 +126,21 @@ MODEL_SIZES = {
 
 
 def _digits() -> dict:
-    """The default: sklearn's 1,797 8x8 digits at 16 px. `make all`: ~99% test accuracy."""
+    """The default: sklearn's 1,797 8x8 digits at 16 px, a CCT-style conv tokenizer and an
+    EMA of the weights, in a 2.5-minute budget. `make all` on 2 CPU cores: ~99% test accuracy.
+    """
     return dict(
         data="digits",
         image_size=16,
         patch_size=4,
+        tokenizer="conv",
+        ema_decay=0.99,
         embed_dim=128,
         depth=6,
         num_heads=4,
         mlp_ratio=2.0,
         hflip=False,
-        crop_scale=0.75,
+        crop_scale=0.8,
         epochs=80,
         batch_size=64,
         lr=2e-3,

@@ -229,7 +229,8 @@ def run(argv=None) -> int:
         return criterion(x, (cls_logits, dist_logits), y), logits
 
     # ---- state: fresh or resumed --------------------------------------------------------
-    step, epoch, start_batch, best_score, elapsed, history = 0, 0, 0, -math.inf, 0.0, []
+    step, epoch, start_batch, elapsed, history = 0, 0, 0, 0.0, []
+    best_score = (-math.inf, -math.inf)  # (select_metric, -val_loss)
     resume_file = ckpt_io.resume_path(cfg.model_path)
     if cfg.resume:
         try:
@@ -242,7 +243,8 @@ def run(argv=None) -> int:
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
-        best_score, elapsed, history = state["best_score"], state["elapsed"], state["history"]
+        best_score = tuple(state["best_score"])
+        elapsed, history = state["elapsed"], state["history"]
         run_name = state.get("run_name", run_name)
         set_rng_state(state["rng"])
         if main_process:
@@ -393,7 +395,8 @@ def run(argv=None) -> int:
         }
         history.append(row)
         tracker.log_metrics({f"epoch/{k}": v for k, v in row.items()}, step)
-        score = val[cfg.select_metric]
+        # Ties (common on small validation sets) go to the lower validation loss.
+        score = (val[cfg.select_metric], -result.loss)
         improved = score > best_score
         if main_process:
             print(
@@ -461,7 +464,7 @@ def run(argv=None) -> int:
     print(tracker.summary())
     print(
         f"best epoch {best['metrics']['epoch']} ({best['metrics']['weights']} weights): val "
-        f"{cfg.select_metric} {best_score:.4f}; test accuracy {test['accuracy']:.4f} on "
+        f"{cfg.select_metric} {best_score[0]:.4f}; test accuracy {test['accuracy']:.4f} on "
         f"{test['num_samples']} images ({progress.elapsed / 60:.1f} min); model in "
         f"{cfg.model_path}; run {tracker.run_id} ({tracker.name})"
     )
