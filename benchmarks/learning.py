@@ -105,11 +105,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation", action="store_true", help="ablation at the first budget")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a test)")
     parser.add_argument("--out", type=Path, default=ROOT / "metadata" / "results")
+    parser.add_argument(
+        "--train-args", default="", help='extra train.py options, e.g. "--threads 1"'
+    )
     args = parser.parse_args(argv)
 
     quick = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--limit-train-batches",
              "2", "--limit-eval-batches", "2", "--batch-size", "16", "--num-workers", "0",
              "--cache-images", "false"] if args.quick else []  # fmt: skip
+    quick += args.train_args.split()
     minutes = [0.05] if args.quick else args.minutes
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -131,6 +131,8 @@ def run(argv=None) -> int:
     if main_process:
         print(f"config (preset {args.preset}):")
         print("  " + "\n  ".join(f"{k} = {v}" for k, v in cfg.to_dict().items()))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     autocast = autocast_for(device, cfg.amp)
     seed_everything(cfg.seed)
 

@@ -340,9 +340,15 @@ def test_build_model_from_preset_has_preset_shapes(preset):
     model = build_model(cfg, num_classes=10)
     sd = model.state_dict()
     d, p, s = cfg.embed_dim, cfg.patch_size, cfg.image_size
-    assert sd["patch_embed.proj.weight"].shape == (d, 3, p, p)
-    assert sd["pos_embed"].shape == (1, 1 + (s // p) ** 2, d)
-    assert sd["cls_token"].shape == (1, 1, d)
+    if cfg.tokenizer == "patch":
+        assert sd["patch_embed.proj.weight"].shape == (d, 3, p, p)
+    else:  # the conv stem: 3 input channels in its first conv, d out of its last
+        convs = [k for k in sd if k.startswith("patch_embed.proj.") and k.endswith("weight")]
+        assert sd[convs[0]].shape[1] == 3 and sd[convs[-1]].shape[0] == d
+    prefix = 0 if cfg.pool == "seq" else 1  # sequence pooling replaces the class token
+    assert model.num_prefix_tokens == prefix
+    assert sd["pos_embed"].shape == (1, prefix + (s // p) ** 2, d)
+    assert ("cls_token" in sd) == (prefix == 1)
     assert len(model.blocks) == cfg.depth
     assert f"blocks.{cfg.depth - 1}.attn.qkv.weight" in sd
     assert f"blocks.{cfg.depth}.attn.qkv.weight" not in sd

@@ -327,7 +327,11 @@ def trained(tmp_path_factory):
     data = tmp / "data"
     for split, per_class, offset in (("train", 30, 0), ("valid", 10, 100), ("test", 10, 200)):
         _write_split(data / split, per_class, offset)
-    model = train_smoke(tmp, "--data", str(data), "--epochs", "4", "--limit-train-batches", "0")
+    # The paper's ViT (patch tokens, no EMA): the corruption tests below are calibrated on it.
+    model = train_smoke(
+        tmp, "--data", str(data), "--epochs", "4", "--limit-train-batches", "0",
+        "--tokenizer", "patch", "--ema-decay", "0",
+    )  # fmt: skip
     ckpt = load_checkpoint(model)
     assert ckpt["metrics"]["test"]["accuracy"] >= 0.9  # it has learned the task
     return {"model": model, "data": data, "tmp": tmp, "ckpt": ckpt}
