@@ -79,6 +79,42 @@ def train_once(data: Path, minutes: float, extra: list[str], work: Path, name: s
     }
 
 
+def loader_versus_step(data: Path, batches: int = 20, extra: list[str] | None = None) -> dict:
+    """Images/s of the cifar10 preset's training loader alone (decode cache, augmentation
+    in worker processes) and of its training step alone (forward, backward, AdamW) on
+    the same batches: the loader must be the faster, or it starves the model."""
+    sys.path.insert(0, str(ROOT / "source"))
+    import preprocessing as P
+    from config import PRESETS, Config, apply_overrides
+    from transformer import build_model
+
+    cfg = Config.from_dict({**PRESETS["cifar10"](), "data": str(data)})
+    overrides = dict(zip((extra or [])[::2], (extra or [])[1::2], strict=True))
+    apply_overrides(cfg, {k.lstrip("-"): v for k, v in overrides.items()})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    splits = P.with_transforms(P.load_splits(cfg), cfg)
+    loader = P.make_loader(splits.train, cfg, train=True)
+    it = (batch for _ in range(10_000) for batch in loader)  # epoch after epoch
+    next(it)  # workers started
+    start, seen, kept = time.perf_counter(), 0, []
+    for _ in range(batches):
+        x, y = next(it)
+        seen += len(y)
+        kept.append((x, y))
+    loader_rate = seen / (time.perf_counter() - start)
+    model = build_model(cfg, len(splits.classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    start = time.perf_counter()
+    for x, y in kept:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    step_rate = seen / (time.perf_counter() - start)
+    return {"loader_images_per_s": loader_rate, "step_images_per_s": step_rate}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -104,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 30])
     parser.add_argument("--ablation", action="store_true", help="ablation at the first budget")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a test)")
+    parser.add_argument(
+        "--loader", action="store_true", help="only compare loader and step images/s"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "metadata" / "results")
     parser.add_argument(
         "--train-args", default="", help='extra train.py options, e.g. "--threads 1"'
@@ -119,6 +158,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = args.data or extract(args.tar, work / "data")
+        if args.loader:
+            rates = loader_versus_step(data, 3 if args.quick else 20, quick)
+            text = (
+                f"cifar10 preset, {rates['loader_images_per_s']:.0f} images/s from the loader "
+                f"alone vs {rates['step_images_per_s']:.0f} images/s for the training step "
+                f"alone ({rates['loader_images_per_s'] / rates['step_images_per_s']:.1f}x)"
+            )
+            (args.out / "loader.md").write_text(text + "\n")
+            print(text)
+            return 0
         rows = [train_once(data, m, quick, work, f"budget-{m:g}") for m in minutes]
         ablation = []
         if args.ablation or args.quick:

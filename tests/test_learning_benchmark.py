@@ -30,3 +30,13 @@ def test_learning_benchmark_quick(tmp_path):
 def test_missing_archive_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not found; pass --tar"):
         learning.main(["--quick", "--tar", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)])
+
+
+def test_loader_mode_measures_both_rates(tmp_path):
+    """--loader mode measures both rates and writes them (speed itself is for the benchmark)."""
+    images = make_class_folders(tmp_path / "data", per_class=20)
+    out = tmp_path / "results"
+    args = ["--loader", "--quick", "--data", str(images), "--out", str(out)]
+    assert learning.main(args) == 0
+    text = (out / "loader.md").read_text()
+    assert "images/s from the loader" in text and "training step" in text
