@@ -40,7 +40,7 @@ from runtime import select_device
 from transformer import count_parameters
 
 DEFAULT_MODEL_PATH = "metadata/models/model.pth"
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
 FORMATS = ("table", "csv", "json")
 
 
@@ -131,9 +131,13 @@ class Predictor:
         model_path: str | Path = DEFAULT_MODEL_PATH,
         *,
         device: str = "auto",
-        backend: str = "torch",
+        backend: str | None = None,
         batch_size: int = 64,
+        onnx_path: str | Path | None = None,
     ):
+        # One setting for the CLI, the app and the API: PREDICT_BACKEND=onnx uses the ONNX
+        # export beside the checkpoint (model.onnx; `python source/export.py` writes it).
+        backend = backend or os.environ.get("PREDICT_BACKEND", "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
         if batch_size < 1:
@@ -155,6 +159,16 @@ class Predictor:
         self._per_image, self._per_batch = v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
         self.threshold: float | None = self.checkpoint.get("threshold")
         self.num_parameters = count_parameters(self.model)
+        self.runner = None
+        if backend == "onnx":
+            from export import OnnxRunner
+
+            self.runner = OnnxRunner(onnx_path or self.model_path.with_suffix(".onnx"))
+            if self.runner.classes != self.classes:
+                raise ValueError(
+                    f"{self.runner.path} was exported from another model (its classes differ "
+                    f"from {self.model_path}'s); export this checkpoint again"
+                )
 
     @property
     def binary(self) -> bool:
@@ -165,6 +179,8 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
+        if self.runner is not None:
+            return self.runner.logits(batch)
         x = torch.from_numpy(batch).to(self.device)
         return self.model(x).float().cpu().numpy()
 
@@ -368,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="binary models: decision threshold on the second class (None: the stored one)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="torch, or onnx (model.onnx beside the checkpoint); default: $PREDICT_BACKEND "
+        "or torch",
+    )
     return parser
 
 
@@ -377,8 +400,10 @@ def main(argv=None) -> int:
         print("error: --topk and --batch-size must be at least 1", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.model_path, device=args.device, batch_size=args.batch_size)
-    except (CheckpointError, RuntimeError) as err:
+        predictor = Predictor(
+            args.model_path, device=args.device, batch_size=args.batch_size, backend=args.backend
+        )
+    except (CheckpointError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     items = expand_inputs(args.inputs)

@@ -1,0 +1,305 @@
+"""Load test of the REST API: many concurrent clients against a real uvicorn server.
+
+    .venv/bin/python benchmarks/load.py                                  # metadata/models/model.pth
+    .venv/bin/python benchmarks/load.py --concurrency 32 --requests 5000 --model-path m.pth
+    .venv/bin/python benchmarks/load.py --quick                          # small counts (tests)
+
+Starts `source/serve.py` in a subprocess on 127.0.0.1 and a free port, warms it up with the
+same number of concurrent clients, then sends --requests one-image POST /predict requests
+from --concurrency threads, each with its own keep-alive httpx client, cycling through the
+real sample digits in assets/samples/. Every answer is checked (status 200, the response
+schema, no per-image error); anything else counts as an error. Reports the p50/p95/p99
+latency (send to parsed JSON), the throughput, the error count and the server's resident
+memory at start, after the warm-up and at the end (flat memory: no leak per request), and
+writes metadata/results/load.md. The server is always stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = ROOT / "assets" / "samples"
+PREDICTION_KEYS = {"source", "predicted", "probability", "topk", "error"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_images() -> list[tuple[str, bytes]]:
+    """(name, PNG bytes) of the real test-split digits shipped in assets/samples/."""
+    return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
+
+
+def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0):
+    """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200.
+    The caller stops it with stop_server (in a finally)."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "source" / "serve.py"), "--host", "127.0.0.1",
+         "--port", str(port), "--model-path", str(model_path), "--device", "cpu",
+         "--threads", str(threads), "--log-level", "warning"],
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with status {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return server, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer /health within {timeout:g} s")
+            time.sleep(0.2)
+    except BaseException:
+        stop_server(server)
+        raise
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def server_rss_mb(server: subprocess.Popen) -> float:
+    import psutil
+
+    return psutil.Process(server.pid).memory_info().rss / 2**20
+
+
+def check_answer(response, classes: list[str] | None, topk: int) -> str | None:
+    """None when the answer is a 200 with the documented schema, else what is wrong."""
+    if response.status_code != 200:
+        return f"status {response.status_code}: {response.text[:200]}"
+    body = response.json()
+    if set(body) != {"classes", "threshold", "predictions"}:
+        return f"unexpected keys {sorted(body)}"
+    if classes is not None and body["classes"] != classes:
+        return "classes differ from /metadata"
+    if len(body["predictions"]) != 1:
+        return f"{len(body['predictions'])} predictions for one image"
+    [p] = body["predictions"]
+    if set(p) != PREDICTION_KEYS or p["error"] is not None:
+        return f"bad prediction {p}"
+    if p["predicted"] not in body["classes"] or len(p["topk"]) != min(topk, len(body["classes"])):
+        return f"bad prediction {p}"
+    if not 0.0 <= p["probability"] <= 1.0:
+        return f"probability {p['probability']} out of [0, 1]"
+    return None
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    seconds: float  # wall time of the whole run
+    latencies_ms: list[float] = field(default_factory=list)  # successful requests only
+    errors: list[str] = field(default_factory=list)
+    answers: list[dict | None] = field(default_factory=list)  # per request, in send order
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.latencies_ms:
+            return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+        p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def run_load(
+    url: str,
+    images: list[tuple[str, bytes]],
+    *,
+    requests: int,
+    concurrency: int,
+    topk: int = 5,
+    classes: list[str] | None = None,
+    timeout: float = 60.0,
+) -> LoadResult:
+    """`requests` one-image POSTs from `concurrency` threads (request i sends image i mod
+    len(images)); errors are counted, never raised."""
+    import httpx
+
+    answers: list[dict | None] = [None] * requests
+    latencies: list[float | None] = [None] * requests
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(first: int) -> None:
+        with httpx.Client(base_url=url, timeout=timeout) as client:
+            start_line.wait()
+            for i in range(first, requests, concurrency):
+                name, data = images[i % len(images)]
+                try:
+                    start = time.perf_counter()
+                    response = client.post(
+                        f"/predict?topk={topk}", files={"files": (name, data, "image/png")}
+                    )
+                    problem = check_answer(response, classes, topk)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                except Exception as err:  # a load test counts every failure, never stops
+                    problem = f"{type(err).__name__}: {err}"
+                if problem is None:
+                    answers[i], latencies[i] = response.json()["predictions"][0], elapsed
+                else:
+                    with lock:
+                        errors.append(f"request {i} ({name}): {problem}")
+
+    # Every client connects first; the clock starts when all of them (and this thread) are ready.
+    threads = [
+        threading.Thread(target=worker, args=(w,), daemon=True)
+        for w in range(min(concurrency, requests))
+    ]
+    start_line = threading.Barrier(len(threads) + 1)
+    for t in threads:
+        t.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    return LoadResult(
+        requests=requests,
+        concurrency=len(threads),
+        seconds=seconds,
+        latencies_ms=[x for x in latencies if x is not None],
+        errors=errors,
+        answers=answers,
+    )
+
+
+def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], warmup) -> str:
+    command = " ".join(
+        ["python", "benchmarks/load.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    import torch
+
+    q = result.percentiles()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        "# Load test of the REST API",
+        "",
+        f"`{command}`",
+        "",
+        f"Model: `{args.model_path}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
+        f"{info['image_size']} px input, {info['num_classes']} classes. "
+        f"{result.requests} one-image POST /predict requests (PNG digits from assets/samples/) "
+        f"from {result.concurrency} concurrent keep-alive clients (threads) to "
+        f"`source/serve.py --threads {args.threads}` under uvicorn on the loopback, after "
+        f"{warmup} warm-up requests at the same concurrency; latency from send to parsed JSON.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared by the server and "
+        f"the clients, torch {torch.__version__}; load average at the end {load} (other jobs "
+        "share these cores, so the numbers are noisy).",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| requests / errors | {result.requests} / {len(result.errors)} |",
+        f"| latency p50 / p95 / p99 | {q['p50']:.1f} / {q['p95']:.1f} / {q['p99']:.1f} ms |",
+        f"| throughput | {result.throughput:.0f} requests/s ({result.seconds:.1f} s in all) |",
+        f"| server RSS at start / after warm-up / at the end | {rss['start']:.0f} / "
+        f"{rss['warm']:.0f} / {rss['end']:.0f} MiB |",
+        f"| RSS growth over the run (after warm-up to end) | {rss['end'] - rss['warm']:+.1f} MiB |",
+        "",
+    ]
+    if result.errors:
+        lines += ["First errors:", "", *[f"- {e}" for e in result.errors[:10]], ""]
+    return "\n".join(lines)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults listed, and the docstring's examples kept as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--requests", type=int, default=2000, help="timed requests in all")
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="untimed requests first, at the same concurrency"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="the server's torch threads (serve.py --threads)"
+    )
+    parser.add_argument("--topk", type=int, default=5, help="classes asked for per image")
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts: 100 requests after 32 warm-up"
+    )
+    parser.add_argument("--out", default="metadata/results/load.md", help="report file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.requests, args.warmup = 100, 32
+    if min(args.concurrency, args.requests, args.topk) < 1 or args.warmup < 0:
+        print(
+            "error: --concurrency, --requests and --topk must be at least 1 and --warmup at "
+            "least 0",
+            file=sys.stderr,
+        )
+        return 2
+    if not Path(args.model_path).is_file():
+        print(f"error: no model file at {args.model_path}; run `make all` first", file=sys.stderr)
+        return 2
+    import httpx
+
+    images = sample_images()
+    if not images:
+        print(f"error: no sample images in {SAMPLES_DIR}", file=sys.stderr)
+        return 2
+    server, url = start_server(args.model_path, threads=args.threads)
+    try:
+        rss = {"start": server_rss_mb(server)}
+        info = httpx.get(f"{url}/metadata", timeout=30).json()
+        if args.warmup:
+            run_load(url, images, requests=args.warmup, concurrency=args.concurrency)
+        rss["warm"] = server_rss_mb(server)
+        result = run_load(
+            url,
+            images,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            topk=args.topk,
+            classes=info["classes"],
+        )
+        rss["end"] = server_rss_mb(server)
+    finally:
+        stop_server(server)
+    text = report(args, argv, info, result, rss, args.warmup)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Bounded load tests (issue 9): the REST API under 16 concurrent clients against a real
+uvicorn server (no errors, the right answers, flat memory), benchmarks/load.py in --quick
+mode, and several Streamlit sessions at once sharing one cached model."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from test_app import APP, predictions_shown
+
+from predict import Predictor
+
+SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
+CONCURRENCY = 16
+REQUESTS = 200
+RSS_MARGIN_MB = 50  # allocator noise; a leak of even 0.25 MB a request would show
+
+
+@pytest.fixture(scope="module")
+def server(smoke_model):
+    """(process, URL) of `source/serve.py` on a free loopback port; always stopped."""
+    import load
+
+    process, url = load.start_server(str(smoke_model), threads=1)
+    try:
+        yield process, url
+    finally:
+        load.stop_server(process)
+    assert process.poll() is not None
+
+
+@pytest.mark.slow
+def test_16_concurrent_clients_no_errors_and_flat_memory(server, smoke_model):
+    import load
+
+    process, url = server
+    images = load.sample_images()
+    assert len(images) == 6
+    predictor = Predictor(smoke_model, device="cpu")
+    expected = {name: p for (name, _), p in zip(images, predictor.predict(images), strict=True)}
+
+    warm = load.run_load(url, images, requests=64, concurrency=CONCURRENCY)
+    assert warm.errors == []
+    rss_warm = load.server_rss_mb(process)
+    result = load.run_load(
+        url, images, requests=REQUESTS, concurrency=CONCURRENCY, classes=predictor.classes
+    )
+    rss_end = load.server_rss_mb(process)
+
+    assert result.errors == [] and result.concurrency == CONCURRENCY
+    assert len(result.latencies_ms) == REQUESTS and all(a is not None for a in result.answers)
+    for i, answer in enumerate(result.answers):  # the right answer for every request
+        name = images[i % len(images)][0]
+        assert answer["source"] == name
+        assert answer["predicted"] == expected[name].predicted
+        assert answer["probability"] == pytest.approx(expected[name].probability, abs=1e-6)
+        assert [t["class"] for t in answer["topk"]] == [c for c, _ in expected[name].topk]
+    q = result.percentiles()
+    assert 0 < q["p50"] <= q["p95"] <= q["p99"] <= max(result.latencies_ms)
+    assert math.isfinite(result.throughput) and result.throughput > 0
+    print(
+        f"\n{REQUESTS} requests, {CONCURRENCY} clients: p50 {q['p50']:.1f} ms, p95 "
+        f"{q['p95']:.1f} ms, p99 {q['p99']:.1f} ms, {result.throughput:.0f} requests/s; "
+        f"server RSS {rss_warm:.0f} -> {rss_end:.0f} MiB"
+    )
+    assert rss_end - rss_warm < RSS_MARGIN_MB
+    assert process.poll() is None  # still serving
+
+
+def test_check_answer_flags_what_is_wrong():
+    import httpx
+    import load
+
+    def answer(status=200, **prediction):
+        entry = {"source": "a.png", "predicted": "3", "probability": 0.9, "error": None}
+        entry["topk"] = [{"class": "3", "probability": 0.9}] * 5
+        body = {"classes": [str(i) for i in range(10)], "threshold": None}
+        return httpx.Response(status, json={**body, "predictions": [{**entry, **prediction}]})
+
+    assert load.check_answer(answer(), None, 5) is None
+    assert load.check_answer(answer(500), None, 5).startswith("status 500")
+    assert load.check_answer(answer(predicted="cat"), None, 5).startswith("bad prediction")
+    assert load.check_answer(answer(error="boom"), None, 5).startswith("bad prediction")
+    assert load.check_answer(answer(), None, 3).startswith("bad prediction")  # topk length
+    assert load.check_answer(answer(), ["a", "b"], 5) == "classes differ from /metadata"
+
+
+@pytest.mark.slow
+def test_load_benchmark_quick_writes_its_report(smoke_model, tmp_path):
+    import load
+
+    out = tmp_path / "load.md"
+    argv = ["--quick", "--model-path", str(smoke_model), "--out", str(out)]
+    assert load.main(argv) == 0
+    text = out.read_text()
+    assert text.startswith("# Load test of the REST API")
+    assert "| requests / errors | 100 / 0 |" in text
+    assert "from 16 concurrent keep-alive clients" in text
+    for row in ("| latency p50 / p95 / p99 |", "| throughput |", "| server RSS at start /"):
+        assert row in text
+
+
+def test_load_benchmark_refuses_a_missing_model(tmp_path, capsys):
+    import load
+
+    assert load.main(["--model-path", str(tmp_path / "none.pth")]) == 2
+    assert "no model file at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_three_app_sessions_at_once_each_get_their_prediction(monkeypatch, smoke_model):
+    monkeypatch.setenv("MODEL_PATH", str(smoke_model))
+    names = ["digit-0.png", "digit-5.png", "digit-8.png"]
+    predictor = Predictor(smoke_model, device="cpu")
+    expected = [predictor.predict(SAMPLES / n)[0] for n in names]
+
+    def session(name: str) -> list[str]:
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        at.file_uploader[0].set_value([(name, (SAMPLES / name).read_bytes(), "image/png")])
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return predictions_shown(at)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # three script runs in flight together
+        shown = list(pool.map(session, names))
+    assert shown == [[f"**Prediction: {e.predicted}** ({e.probability:.1%})"] for e in expected]
