@@ -73,6 +73,7 @@ def test_16_concurrent_clients_no_errors_and_flat_memory(server, smoke_model):
 
 def test_check_answer_flags_what_is_wrong():
     import httpx
+
     import load
 
     def answer(status=200, **prediction):
