@@ -3,6 +3,9 @@
 The fused path (`F.scaled_dot_product_attention`) is fast; the explicit path computes the
 softmax itself so it can return the attention weights for visualisation. Both give the
 same output.
+
+`num_queries=n` computes the output of the first n tokens only (they still attend to every
+token): the model's last block needs nothing else under class-token pooling.
 """
 
 from __future__ import annotations
@@ -36,19 +39,41 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        if num_queries is None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, N, C)
+        else:
+            q, k, v = self.project_few_queries(x, num_queries)
+        M = q.shape[1]  # output tokens: N, or num_queries
+        # Per-head views: the strides of timm's reshape-permute-unbind, and in ONNX a plain
+        # Split-Reshape-Transpose instead of a 5-D permute and six Slice/Squeeze ops.
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         attn = None
         if self.fused_attn and not return_attention:
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )  # (B, nh, N, hs)
+            )  # (B, nh, M, hs)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, N, N)
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, M, N)
             attn = attn.softmax(dim=-1)
-            x = self.attn_drop(attn) @ v  # (B, nh, N, hs)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+            x = self.attn_drop(attn) @ v  # (B, nh, M, hs)
+        x = x.transpose(1, 2).reshape(B, M, C)  # (B, M, C)
         return self.proj_drop(self.proj(x)), attn
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
+
+    def project_few_queries(self, x: torch.Tensor, n: int):
+        """q for the first n tokens, k and v for all, (B, n or N, C): slices of the one qkv
+        weight, so the state dict is unchanged and the rows computed equal the full ones."""
+        C = x.shape[-1]
+        if not isinstance(self.qkv.weight, torch.Tensor):  # a quantized Linear: no slices
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return q[:, :n], k, v
+        w_q, w_kv = self.qkv.weight.split([C, 2 * C])
+        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([C, 2 * C])
+        k, v = F.linear(x, w_kv, b_kv).chunk(2, dim=-1)
+        return F.linear(x[:, :n], w_q, b_q), k, v

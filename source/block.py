@@ -52,9 +52,12 @@ class Block(nn.Module):
         self.drop_path2 = StochasticDepth(drop_path, "row") if drop_path else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
+        """num_queries=n: the output holds the first n tokens only, (B, n, D)."""
+        y, attn = self.attn(self.norm1(x), return_attention, num_queries)
+        if num_queries is not None:
+            x = x[:, :num_queries]  # every other step of the block is per token
         x = x + self.drop_path1(y)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x, attn

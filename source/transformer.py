@@ -106,8 +106,14 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "dist_token"}
 
     def forward_features(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, prefix_only: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, T, D) normalised tokens and, when asked, each block's (B, nh, T, T) attention.
+
+        prefix_only: return only the class/distillation tokens, (B, prefix, D); the last block
+        then computes just those rows, which is all class-token pooling reads (three quarters
+        of a block's work less; the same values).
+        """
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [
             t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None
@@ -115,8 +121,10 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)  # (B, prefix + N, D)
         x = self.pos_drop(x + self.pos_embed)
         attentions = []
-        for block in self.blocks:
-            x, attn = block(x, return_attention=return_attention)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            queries = self.num_prefix_tokens if prefix_only and i == last else None
+            x, attn = block(x, return_attention, queries)
             if return_attention:
                 attentions.append(attn)  # (B, nh, T, T)
         return self.norm(x), attentions
@@ -149,9 +157,14 @@ class VisionTransformer(nn.Module):
         # DeiT: at inference the two heads' predictions are averaged.
         return logits if dist_logits is None else (logits + dist_logits) / 2
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        features, attentions = self.forward_features(x, return_attention)
-        logits = self.forward_head(features)
+    def forward(self, x: torch.Tensor, return_attention: bool = False, return_heads: bool = False):
+        """Logits; with return_attention also each block's attention; with return_heads the
+        (class-token, distillation-token or None) logits instead of their average (DeiT
+        training), through this forward so wrappers (DDP, torch.compile) stay in the path."""
+        # Attention maps keep every row, so the last block is pruned only without them.
+        prefix_only = self.pool == "cls" and not return_attention
+        features, attentions = self.forward_features(x, return_attention, prefix_only)
+        logits = self.forward_heads(features) if return_heads else self.forward_head(features)
         return (logits, attentions) if return_attention else logits
 
 

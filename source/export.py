@@ -1,0 +1,506 @@
+"""Export a checkpoint to ONNX, check it against PyTorch on real images, quantize it to int8.
+
+    python source/export.py                              # metadata/models/model.onnx
+    python source/export.py --quantize int8              # and metadata/models/model.int8.onnx
+    python source/export.py --model-path m.pth --out m.onnx --data path/to/images
+
+The ONNX file is self-contained (weights inside, no external data file), takes a batch of any
+size, (B, 3, S, S) float32 normalised images named `images`, and returns `logits`. The class
+names, the preprocessing (image size, mean, std) and the config travel in its
+metadata_props; `<out>.json` beside it repeats them with the verification report.
+
+Verification runs PyTorch and ONNX Runtime on the test split of the checkpoint's data (or
+--data) with the checkpoint's eval transform: the largest absolute logit difference, top-1
+agreement and accuracy of each. An export that disagrees beyond --atol (fp32) or loses more
+than --max-int8-drop accuracy points (int8) is deleted and the exit status is 1; a checkpoint
+or data that cannot be read gives 2.
+
+The graph stays in standard ONNX operators (portable): ONNX Runtime fuses LayerNorm, GELU
+and MatMul+Add itself when it loads the file. `--graph-optimizer transformers` bakes in
+`onnxruntime.transformers.optimizer`'s fusions instead (SkipLayerNormalization, BiasGelu;
+it finds no attention pattern in this graph), which measured no faster (README, Speed).
+int8 is dynamic quantization of every MatMul weight
+(`onnxruntime.quantization.quantize_dynamic`), activations quantized per batch at run time.
+
+Other modules run an exported file through `OnnxRunner`:
+
+    runner = OnnxRunner("metadata/models/model.onnx")
+    logits = runner.logits(batch)          # (B, 3, S, S) float32, preprocessed -> (B, C)
+    runner.classes, runner.preprocessing   # from the file's metadata
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+METADATA_FORMAT = "vit-pipeline-onnx"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+OPSET = 18
+
+
+class OnnxError(RuntimeError):
+    """An ONNX file that cannot be used; the message says why and what to do."""
+
+
+# ---- running an exported model --------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """The cores this process may use (the affinity mask, which containers and taskset set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxRunner:
+    """An exported model in an ONNX Runtime session; class names and preprocessing from the
+    file's metadata.
+
+    threads: intra-op threads (default: every core this process may use). Threads do not
+    spin while waiting for work: on a machine shared with other processes, spinning threads
+    take the cores the others need, and a descheduled thread stalls the rest at every op.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise OnnxError(
+                f"no ONNX model at {self.path}; export one with `python source/export.py`"
+            )
+        options = self.session_options(threads)
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise OnnxError(
+                f"{self.path} is not a model ONNX Runtime can load ({first}); export it again "
+                "with `python source/export.py`"
+            ) from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "classes" not in meta or "preprocessing" not in meta:
+            raise OnnxError(
+                f"{self.path} has no class names or preprocessing in its metadata; it was not "
+                "written by source/export.py, so export the checkpoint with it"
+            )
+        self.metadata = meta
+        self.classes: list[str] = json.loads(meta["classes"])
+        self.preprocessing: dict = json.loads(meta["preprocessing"])
+        self.threshold: float | None = json.loads(meta.get("threshold", "null"))
+        self.input_name = self.session.get_inputs()[0].name
+
+    @staticmethod
+    def session_options(threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+# ---- export and quantization ----------------------------------------------------------------
+
+
+def atomic_write_onnx(proto, path: Path) -> None:
+    """One self-contained file (no external data), written to a temporary name and renamed,
+    so a failed write never leaves half a model at `path`."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(proto, tmp, save_as_external_data=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """The exporter's optimiser and the quantizer log advice at WARNING level for every
+    export (constant folding skipped for Split, "consider pre-processing"); none of it is
+    actionable here, so it is held back while they run."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def metadata_for(ckpt: dict, source: str | Path, **extra) -> dict[str, str]:
+    """metadata_props: strings only, JSON for structured values."""
+    import onnxruntime
+    import torch
+
+    props = {
+        "format": METADATA_FORMAT,
+        "format_version": "1",
+        "classes": json.dumps(list(ckpt["classes"])),
+        "preprocessing": json.dumps(ckpt["preprocessing"]),
+        "threshold": json.dumps(ckpt.get("threshold")),
+        "config": json.dumps(ckpt["config"]),
+        "input": f"{INPUT_NAME}: (batch, 3, size, size) float32, normalised with the mean/std",
+        "output": f"{OUTPUT_NAME}: (batch, num_classes) float32",
+        "source_checkpoint": str(source),
+        "git_commit": str(ckpt.get("provenance", {}).get("git_commit", "")),
+        "torch": str(torch.__version__),
+        "onnxruntime": str(onnxruntime.__version__),
+    }
+    props.update({k: str(v) for k, v in extra.items()})
+    return props
+
+
+def set_metadata(proto, props: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def export_model(model, image_size: int, out: Path, props: dict[str, str]) -> Path:
+    """torch.export-based ONNX export with a dynamic batch axis, metadata attached."""
+    import torch
+
+    from attention import Attention
+
+    model = copy.deepcopy(model).cpu().eval()
+    # The explicit attention path exports to four plain ops; the fused path's decomposition
+    # adds a dozen shape ops per block, ~10% of the batch-1 latency in ONNX Runtime.
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = False
+    example = torch.zeros(2, 3, image_size, image_size)  # 2: a batch of 1 could be specialised
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    log = io.StringIO()
+    try:
+        # The exporter prints its progress; keep it for the error message only.
+        with contextlib.redirect_stdout(log), quiet_logging(), torch.no_grad():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=OPSET,
+                optimize=True,
+            )
+    except Exception as err:
+        raise OnnxError(
+            f"the ONNX export failed ({str(err).splitlines()[0][:300]}); exporter log:\n"
+            + log.getvalue()[-2000:]
+        ) from None
+    proto = program.model_proto
+    # Shapes recorded by the exporter confuse the quantizer's shape inference (it re-infers
+    # them and finds conflicts); ONNX Runtime infers them again at load anyway.
+    proto.graph.ClearField("value_info")
+    proto.doc_string = "Vision Transformer exported by source/export.py"
+    set_metadata(proto, props)
+    atomic_write_onnx(proto, out)
+    return out
+
+
+def quantize_int8(fp32_path: Path, out: Path, props: dict[str, str]) -> Path:
+    """Dynamic int8 quantization of the MatMul weights; activations are quantized per batch
+    at run time. The patch convolution stays fp32 (ConvInteger was no faster and it is
+    <1% of the weights)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "int8.onnx"
+        with quiet_logging():
+            quantize_dynamic(
+                fp32_path, raw, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+            )
+        proto = onnx.load(raw)
+    set_metadata(proto, {**props, "quantization": "dynamic int8 (MatMul weights, QInt8)"})
+    atomic_write_onnx(proto, out)
+    return out
+
+
+def optimize_transformers(fp32_path: Path, out: Path, cfg: dict, props: dict[str, str]):
+    """onnxruntime.transformers.optimizer (model_type vit) on an exported file; returns the
+    path and the fusions it made. The result uses ONNX Runtime's contrib operators
+    (SkipLayerNormalization, BiasGelu), so it runs on ONNX Runtime only."""
+    from onnxruntime.transformers import optimizer
+
+    if cfg.get("arch", "vit") != "vit":
+        raise OnnxError("the transformers graph optimizer applies to ViT checkpoints only")
+    with quiet_logging():
+        optimized = optimizer.optimize_model(
+            str(fp32_path),
+            model_type="vit",
+            num_heads=int(cfg["num_heads"]),
+            hidden_size=int(cfg["embed_dim"]),
+        )
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    proto = optimized.model
+    set_metadata(proto, {**props, "graph_optimizer": f"onnxruntime.transformers vit {fused}"})
+    atomic_write_onnx(proto, out)
+    return out, fused
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+
+def test_images(ckpt: dict, data: str | None, max_images: int, batch_size: int = 64):
+    """A loader over the test split (the checkpoint's data or `data`), with the checkpoint's
+    eval transform; raises preprocessing.DataError when it cannot be used."""
+    import torch
+
+    import preprocessing as P
+    from checkpoint import config_from_checkpoint
+
+    cfg = config_from_checkpoint(ckpt)
+    if data:
+        cfg.data = data
+    cfg.batch_size, cfg.num_workers = batch_size, 0
+    splits = P.load_splits(cfg)
+    if list(splits.classes) != list(ckpt["classes"]):
+        raise P.DataError(
+            f"the classes of --data {cfg.data} ({len(splits.classes)}) differ from the model's "
+            f"({len(ckpt['classes'])}); verify on data with the same class folders"
+        )
+    dataset = splits.test
+    if len(dataset) == 0:
+        raise P.DataError(f"the test split of {cfg.data} is empty; pass --data with test images")
+    prep = ckpt["preprocessing"]
+    dataset.transform = P.eval_transform(prep["image_size"], prep["mean"], prep["std"])
+    if max_images and len(dataset) > max_images:
+        dataset = torch.utils.data.Subset(dataset, range(max_images))
+    return P.make_loader(dataset, cfg, train=False), str(cfg.data)
+
+
+def compare(model, runners: dict[str, OnnxRunner], loader) -> dict[str, dict]:
+    """PyTorch and each runner on the same batches: accuracy, top-1 agreement with PyTorch,
+    largest absolute logit difference."""
+    import torch
+
+    logits = {"pytorch": [], **{name: [] for name in runners}}
+    labels = []
+    with torch.inference_mode():
+        for x, y in loader:
+            logits["pytorch"].append(model(x).float().numpy())
+            for name, runner in runners.items():
+                logits[name].append(runner.logits(x.numpy()))
+            labels.append(y.numpy())
+    y = np.concatenate(labels)
+    ref = np.concatenate(logits["pytorch"])
+    report = {}
+    for name, chunks in logits.items():
+        out = np.concatenate(chunks)
+        report[name] = {
+            "images": int(len(y)),
+            "accuracy": float((out.argmax(1) == y).mean()),
+            "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(out - ref).max()),
+        }
+    return report
+
+
+def check(report: dict, atol: float, min_agreement: float, max_int8_drop: float) -> list[str]:
+    """The reasons an export is rejected (empty when it passes)."""
+    problems = []
+    fp32 = report["onnx"]
+    if fp32["max_abs_diff"] > atol:
+        problems.append(
+            f"ONNX logits differ from PyTorch by up to {fp32['max_abs_diff']:.3g} (> --atol {atol})"
+        )
+    if fp32["top1_agreement"] < min_agreement:
+        problems.append(
+            f"ONNX top-1 agrees with PyTorch on {fp32['top1_agreement']:.2%} of the images "
+            f"(< --min-agreement {min_agreement:.2%})"
+        )
+    if "int8" in report:
+        drop = 100 * (report["pytorch"]["accuracy"] - report["int8"]["accuracy"])
+        if drop > max_int8_drop:
+            problems.append(
+                f"int8 loses {drop:.2f} accuracy points (> --max-int8-drop {max_int8_drop})"
+            )
+    return problems
+
+
+def format_report(report: dict, sizes: dict[str, int]) -> str:
+    lines = [
+        f"{'model':8s} {'size MB':>8s} {'accuracy':>9s} {'top-1 agree':>12s} {'max |dlogit|':>13s}",
+    ]
+    for name, r in report.items():
+        size = f"{sizes[name] / 1e6:8.2f}" if name in sizes else f"{'':8s}"
+        lines.append(
+            f"{name:8s} {size} {r['accuracy']:9.4f} {r['top1_agreement']:12.4f} "
+            f"{r['max_abs_diff']:13.3g}"
+        )
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="also write an int8 model"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="fp32 ONNX file (default: the checkpoint's path with .onnx); int8 goes beside it "
+        "as <name>.int8.onnx",
+    )
+    parser.add_argument(
+        "--graph-optimizer",
+        default="runtime",
+        choices=["runtime", "transformers"],
+        help="runtime: standard ONNX ops, fused by ONNX Runtime at load (portable); "
+        "transformers: bake in onnxruntime.transformers.optimizer's fusions (ONNX Runtime only)",
+    )
+    parser.add_argument("--data", default=None, help="verification data (default: the model's)")
+    parser.add_argument(
+        "--max-images", type=int, default=0, help="verify on at most this many images; 0 = all"
+    )
+    parser.add_argument("--atol", type=float, default=1e-3, help="fp32: largest |logit diff|")
+    parser.add_argument(
+        "--min-agreement", type=float, default=0.99, help="fp32: smallest top-1 agreement"
+    )
+    parser.add_argument(
+        "--max-int8-drop", type=float, default=1.0, help="int8: most accuracy points lost"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument(
+        "--run-id",
+        default=None,
+        help="log the files and the verification into this existing run (with --tracker none: "
+        "the local run folder of that name)",
+    )
+    parser.add_argument(
+        "--tracker", default="none", choices=("none", "mlflow", "neptune"), help="of --run-id"
+    )
+    parser.add_argument("--runs-dir", default="runs", help="local run folders")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    import preprocessing as P
+    from checkpoint import CheckpointError, load_model
+
+    try:
+        model, ckpt = load_model(args.model_path)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.model_path).with_suffix(".onnx")
+    int8_out = out.with_name(out.stem + ".int8.onnx") if args.quantize == "int8" else None
+    try:
+        loader, data = test_images(ckpt, args.data, args.max_images)
+    except P.DataError as err:
+        print(f"error: cannot load verification images: {err}", file=sys.stderr)
+        return 2
+
+    torch.set_num_threads(args.threads or default_threads())
+    props = metadata_for(ckpt, args.model_path)
+    written = []
+    try:
+        written.append(export_model(model, ckpt["preprocessing"]["image_size"], out, props))
+        if int8_out is not None:  # from the standard graph: the quantizer cannot type contrib ops
+            written.append(quantize_int8(out, int8_out, props))
+        if args.graph_optimizer == "transformers":
+            _, fused = optimize_transformers(out, out, ckpt["config"], props)
+            print(f"onnxruntime.transformers.optimizer fused: {fused or 'nothing'}")
+        runners = {"onnx": OnnxRunner(out, threads=args.threads)}
+        if int8_out is not None:
+            runners["int8"] = OnnxRunner(int8_out, threads=args.threads)
+        report = compare(model, runners, loader)
+    except OnnxError as err:
+        for path in written:
+            path.unlink(missing_ok=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    sizes = {"onnx": out.stat().st_size}
+    if int8_out is not None:
+        sizes["int8"] = int8_out.stat().st_size
+    print(f"verification on the test split of {data} ({report['pytorch']['images']} images):")
+    print(format_report(report, sizes))
+    problems = check(report, args.atol, args.min_agreement, args.max_int8_drop)
+    if problems:
+        for path in written:
+            path.unlink(missing_ok=True)
+        print(
+            "error: the export does not match the PyTorch model, so it was deleted: "
+            + "; ".join(problems),
+            file=sys.stderr,
+        )
+        return 1
+
+    summary = {
+        "model_path": str(args.model_path),
+        "onnx": str(out),
+        "int8": str(int8_out) if int8_out else None,
+        "classes": ckpt["classes"],
+        "preprocessing": ckpt["preprocessing"],
+        "verification": {"data": data, **report},
+        "file_bytes": sizes,
+    }
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    for path in written:
+        print(f"wrote {path}")
+    if args.run_id:
+        log_to_run(args, [*written, out.with_name(out.name + ".json")], report)
+    return 0
+
+
+def log_to_run(args, files: list[Path], report: dict) -> None:
+    """Attach the exported files and their verification to an existing tracking run."""
+    import tracking
+
+    run = tracking.open_run(args.tracker, run_id=args.run_id, runs_dir=args.runs_dir)
+    try:
+        run.log_metrics(
+            {f"export/{name}_{k}": v for name, r in report.items() for k, v in r.items()}, step=0
+        )
+        for path in files:
+            run.log_artifact(path)
+    finally:
+        run.finish()
+    print(f"logged {len(files)} file(s) to {args.tracker} run {args.run_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

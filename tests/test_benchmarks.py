@@ -1,0 +1,59 @@
+"""The speed benchmark runs end to end in quick mode and writes its tables (that it works,
+not how fast: timings on a shared 2-core machine say nothing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = (
+    "PyTorch eager fp32",
+    "torch.compile",
+    "PyTorch dynamic int8",
+    "ONNX Runtime fp32",
+    "ONNX Runtime fp32, transformers optimizer",
+    "ONNX Runtime int8",
+)
+
+
+@pytest.mark.slow
+def test_speed_benchmark_quick_writes_tables(smoke_model, tmp_path):
+    out = tmp_path / "speed.md"
+    cmd = [sys.executable, "benchmarks/speed.py", "--quick", "--shapes", "digits"]
+    cmd += ["--threads", "1", "--model-path", str(smoke_model), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    # A preset shape with random weights (inference and training) and the smoke checkpoint,
+    # whose shape is no preset's (inference and accuracy only).
+    assert "## digits: 16 px, patch 4, dim 128, depth 6, 4 heads, mlp 2" in text
+    assert "## checkpoint: 16 px, patch 4, dim 32, depth 2" in text
+    assert "## Targets" in text and "## Where a training step's time goes" in text
+    for variant in VARIANTS:
+        assert text.count(f"| {variant} |") == 2, variant
+    assert "| torch.compile | skipped with --quick |" in text
+    assert "| ours / timm (paired rounds) |" in text
+    assert "| ours / timm by process CPU time |" in text
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    digits, smoke = data["results"]["digits"], data["results"]["checkpoint"]
+    assert data["environment"]["threads"] == 1 and data["environment"]["peak"] > 0
+    assert smoke["training"] is None
+    for name in ("ours", "timm"):
+        row = digits["training"][name]
+        assert row["step_img_s"] > 0 and row["forward_img_s"] > 0
+        assert 0 < row["flops_forward"] < row["flops_step"]
+    # Ours skips the last block's unused token rows: fewer FLOPs than timm, same shape.
+    assert digits["training"]["ours"]["flops_step"] < digits["training"]["timm"]["flops_step"]
+    fp32 = smoke["inference"]["ONNX Runtime fp32"]
+    assert fp32["max_abs_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
+    assert smoke["inference"]["PyTorch eager fp32"]["accuracy"] == fp32["accuracy"]
+    assert "accuracy" not in digits["inference"]["ONNX Runtime fp32"]  # random weights
+    profile = digits["profile"]["ours digits"]
+    assert profile["matmul (linear layers)"] > 0 and set(profile) >= {"other", "layer norm"}

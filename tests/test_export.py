@@ -1,0 +1,184 @@
+"""ONNX export: round trip against PyTorch, int8, metadata, OnnxRunner, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import export
+import tracking
+from checkpoint import load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two cores shared by many processes: extra intra-op threads only wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """A local run folder, as training leaves one, for the export to log into."""
+    runs = tmp_path_factory.mktemp("runs")
+    tracking.open_run("none", run_name="train-run", runs_dir=str(runs)).finish()
+    return runs
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_model, runs_dir, tmp_path_factory):
+    """fp32 and int8 exports of the smoke model, through the command line, logged to a run."""
+    out = tmp_path_factory.mktemp("onnx") / "smoke.onnx"
+    argv = ["--model-path", str(smoke_model), "--out", str(out), "--quantize", "int8"]
+    argv += ["--threads", "1", "--max-images", "64"]
+    argv += ["--run-id", "train-run", "--tracker", "none", "--runs-dir", str(runs_dir)]
+    assert export.main(argv) == 0
+    return out
+
+
+def test_help_lists_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model-path", "--format", "--quantize", "--out", "--data", "--atol"):
+        assert option in text
+    assert "metadata/models/model.pth" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_logits_match_pytorch(exported, smoke_model, batch):
+    model, ckpt = load_model(smoke_model)
+    size = ckpt["preprocessing"]["image_size"]
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = export.OnnxRunner(exported, threads=1).logits(x.numpy())
+    assert got.shape == (batch, len(ckpt["classes"]))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_file_is_self_contained_with_dynamic_batch_and_metadata(exported, smoke_model):
+    _, ckpt = load_model(smoke_model)
+    assert sorted(p.name for p in exported.parent.iterdir()) == [
+        "smoke.int8.onnx",
+        "smoke.onnx",
+        "smoke.onnx.json",
+    ]
+    proto = onnx.load(exported, load_external_data=False)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
+    dim = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dim[0].dim_param and not dim[0].dim_value  # symbolic batch
+    assert [d.dim_value for d in dim[1:]] == [3, 16, 16]
+    runner = export.OnnxRunner(exported, threads=1)
+    assert runner.classes == ckpt["classes"]
+    assert runner.preprocessing == ckpt["preprocessing"]
+    assert json.loads(runner.metadata["config"])["embed_dim"] == 32
+    report = json.loads(exported.with_name("smoke.onnx.json").read_text())
+    assert report["classes"] == ckpt["classes"]
+    assert report["verification"]["onnx"]["max_abs_diff"] < 1e-4
+    assert report["verification"]["onnx"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_int8_model_is_smaller_and_agrees_with_fp32(exported, smoke_model):
+    int8_path = exported.with_name("smoke.int8.onnx")
+    proto = onnx.load(int8_path)
+    ops = {node.op_type for node in proto.graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    assert int8_path.stat().st_size < exported.stat().st_size
+
+    # Every weight matmul is quantized (4 a block); only activation x activation ones stay.
+    floats = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "MatMulInteger")]
+    assert not [n.name for n in matmuls if n.op_type == "MatMul" and n.input[1] in floats]
+    assert sum(n.op_type == "MatMulInteger" for n in matmuls) >= 4 * 2
+    fp32, int8 = export.OnnxRunner(exported, threads=1), export.OnnxRunner(int8_path, threads=1)
+    assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing
+    _, ckpt = load_model(smoke_model)
+    loader, _ = export.test_images(ckpt, None, max_images=64)
+    images = np.concatenate([x.numpy() for x, _ in loader])
+    a, b = fp32.logits(images), int8.logits(images)
+    assert len(images) == 64
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+    assert 0 < np.abs(a - b).max() < 1.0  # quantized: close, not identical
+
+
+@pytest.mark.slow
+def test_files_and_verification_logged_to_the_run(exported, runs_dir):
+    run = runs_dir / "train-run"
+    artifacts = sorted(p.name for p in (run / "artifacts").iterdir())
+    assert artifacts == ["smoke.int8.onnx", "smoke.onnx", "smoke.onnx.json"]
+    assert (run / "artifacts" / "smoke.onnx").read_bytes() == exported.read_bytes()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    values = {k: v for record in logged for k, v in record.items()}
+    assert values["export/onnx_top1_agreement"] == 1.0
+    assert values["export/int8_images"] == 64
+
+
+@pytest.mark.slow
+def test_disagreement_beyond_tolerance_fails_and_deletes(smoke_model, tmp_path, capsys):
+    out = tmp_path / "strict.onnx"
+    argv = ["--model-path", str(smoke_model), "--out", str(out), "--max-images", "16"]
+    # fp32 ONNX differs from PyTorch by ~1e-6: a zero tolerance must reject it.
+    assert export.main([*argv, "--atol", "0", "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "does not match the PyTorch model" in err and "--atol 0" in err
+    assert not out.exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert export.main(["--model-path", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "no model file at" in err and "nope.pth" in err
+    assert "Traceback" not in err
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bare.pth"
+    torch.save({"weight": torch.zeros(2)}, path)  # a bare state dict, not this project's format
+    assert export.main(["--model-path", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "is not a checkpoint of this project" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_runner_refuses_missing_unreadable_and_foreign_files(tmp_path):
+    with pytest.raises(export.OnnxError, match="no ONNX model at"):
+        export.OnnxRunner(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    with pytest.raises(export.OnnxError, match="not a model ONNX Runtime can load"):
+        export.OnnxRunner(junk)
+    # A valid ONNX file from elsewhere: no class names in its metadata.
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "g", [value("x", 1, [1, 3])], [value("y", 1, [1, 3])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                     ir_version=9), foreign)  # fmt: skip
+    with pytest.raises(export.OnnxError, match="no class names"):
+        export.OnnxRunner(foreign)
+
+
+def test_check_names_every_failed_tolerance():
+    report = {
+        "pytorch": {"accuracy": 0.90},
+        "onnx": {"accuracy": 0.90, "top1_agreement": 0.95, "max_abs_diff": 0.01},
+        "int8": {"accuracy": 0.87, "top1_agreement": 0.9, "max_abs_diff": 0.5},
+    }
+    problems = export.check(report, atol=1e-3, min_agreement=0.99, max_int8_drop=1.0)
+    assert len(problems) == 3
+    assert (
+        "0.01" in problems[0] and "95.00%" in problems[1] and "3.00 accuracy points" in problems[2]
+    )
+    report["onnx"].update(top1_agreement=1.0, max_abs_diff=1e-5)
+    report["int8"]["accuracy"] = 0.895
+    assert export.check(report, atol=1e-3, min_agreement=0.99, max_int8_drop=1.0) == []
