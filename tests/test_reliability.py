@@ -172,3 +172,12 @@ def test_dataset_loading_skips_bad_files_and_keeps_the_rest(tmp_path, corpus, ca
     for i in range(len(splits.train)):  # every kept file decodes and transforms
         image, _ = splits.train[i]
         assert image.shape == (3, 16, 16)
+
+
+def test_atomic_save_gives_a_readable_file_mode(tmp_path):
+    from checkpoint import atomic_save
+
+    atomic_save({"a": torch.ones(1)}, tmp_path / "model.pth")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.pth").stat().st_mode & 0o777 == 0o666 & ~umask
