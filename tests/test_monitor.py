@@ -433,9 +433,10 @@ def test_drifted_images_exit_1(trained, kind):
             pixels = rng.integers(0, 256, (20, 20), dtype=np.uint8)
             Image.fromarray(pixels).convert("RGB").save(data / f"{i:03d}.jpg")
     code, report = _monitor(trained, data, "--unlabelled")
-    assert code == 1 and report["status"] == "retrain"
-    assert report["drift"]["tests"]["embedding_mmd"]["drifted"]
-    assert any(r.startswith("drift: embedding_mmd") for r in report["reasons"])
+    assert code == 1 and report["status"] == "retrain", report["reasons"]
+    assert any(r.startswith("drift: ") for r in report["reasons"])
+    if kind == "other-domain":  # far from anything seen: the features themselves move
+        assert report["drift"]["tests"]["embedding_mmd"]["drifted"]
 
 
 @pytest.mark.slow
