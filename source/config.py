@@ -176,8 +176,8 @@ def _cifar10() -> dict:
     pooling) with an EMA of the weights, in a 30-minute budget.
 
     python source/train.py --preset cifar10 --data path/to/images --max-minutes 15
-    Expected on 10,000 CIFAR-10 images (benchmarks/learning.py, see the README's learning
-    table): about 60% test accuracy after 15 minutes and 65% after 30 on 2 CPU cores.
+    Measured on 10,000 CIFAR-10 images (benchmarks/learning.py, one thread of a busy
+    2-core machine): 52% test accuracy after 15 minutes, 60% after 30 (README: learning).
     """
     return dict(
         data="cifar10",
