@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,12 +27,6 @@ sys.path.insert(0, str(ROOT / "source"))
 
 TARGET_P50_MS = 20.0
 TARGET_BATCH_SPEEDUP = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_images(count: int) -> list[bytes]:
@@ -63,27 +55,11 @@ def percentile(values: list[float], q: float) -> float:
 def bench_api(model_path: str, images: list[bytes], requests: int, warmup: int, threads: int):
     import httpx
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "source" / "serve.py"), "--port", str(port),
-         "--model-path", model_path, "--device", "cpu", "--log-level", "warning",
-         "--threads", str(threads)],
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    from load import start_server, stop_server
+
+    server, url = start_server(model_path, threads=threads)
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the server exited with status {server.returncode}")
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not answer /health within 180 s")
-                time.sleep(0.2)
             latencies = []
             for i in range(warmup + requests):
                 data = images[i % len(images)]
@@ -98,12 +74,7 @@ def bench_api(model_path: str, images: list[bytes], requests: int, warmup: int, 
                 if i >= warmup:
                     latencies.append(elapsed * 1e3)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     return latencies
 
 
