@@ -10,7 +10,7 @@ ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev all train run test test-fast lint format app serve mlflow-ui \
-        export benchmark learning-benchmark monitor notebook docker-build docker-run deploy \
+        export benchmark learning-benchmark transfer-benchmark monitor notebook docker-build docker-run deploy \
         browser clean
 
 help: ## list the targets
@@ -75,6 +75,9 @@ benchmark: install-dev ## speed and serving benchmarks (results in metadata/resu
 
 learning-benchmark: install ## accuracy vs minutes on ../shared/data/cifar10-dev.tar.gz (5/15/30 min)
 	$(PYTHON) benchmarks/learning.py $(ARGS)
+
+transfer-benchmark: install ## distilled vs plain ViT student, fine-tuned vs scratch (digits)
+	$(PYTHON) benchmarks/transfer.py $(ARGS)
 
 notebook: install-dev ## execute notebooks/ViT.ipynb (outputs stay out of git)
 	cd notebooks && ../$(BIN)/jupyter-execute ViT.ipynb

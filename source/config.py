@@ -78,6 +78,7 @@ class Config:
     # ---- transfer learning and distillation ----------------------------------------------
     pretrained: str = ""  # timm name or file, Hugging Face id or folder, .npz; "" = scratch
     freeze_epochs: int = 0  # train only the head for this many epochs first
+    unfreeze_lr_scale: float = 0.1  # after the frozen epochs every lr is multiplied by this
     layer_decay: float = 1.0  # layer-wise lr decay (< 1 gives lower blocks smaller lrs)
     teacher: str = ""  # checkpoint of a teacher for DeiT distillation; "" = no distillation
     distill: str = "hard"  # hard | soft
@@ -191,10 +192,13 @@ def _cifar10() -> dict:
         mlp_ratio=2.0,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
-        crop_scale=0.6,
+        crop_scale=0.8,
         ema_decay=0.99,
         epochs=200,
-        batch_size=128,
+        # Small batches: on a CPU budget the number of steps limits learning, and batches of
+        # 32 run about as many images/s as 128 here (5 minutes, crop 0.8: 52.5% at 32, 51.1%
+        # at 64; 42.1% at 128 with crop 0.6).
+        batch_size=32,
         lr=1e-3,
         num_workers=1,
         max_minutes=30.0,
@@ -379,6 +383,7 @@ def validate(cfg: Config) -> Config:
     check(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1) (0 turns EMA off)")
     check(cfg.repeated_aug >= 1, "repeated_aug must be at least 1")
     check(0 < cfg.layer_decay <= 1, "layer_decay must be in (0, 1]")
+    check(0 < cfg.unfreeze_lr_scale <= 1, "unfreeze_lr_scale must be in (0, 1]")
     check(0 <= cfg.distill_alpha <= 1, "distill_alpha must be in [0, 1]")
     check(0 < cfg.target_tpr <= 1, "target_tpr must be in (0, 1]")
     check(cfg.num_workers >= 0, "num_workers must be >= 0")

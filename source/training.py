@@ -31,6 +31,13 @@ def get_lr(progress: float, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * decay))
 
 
+def lr_scale_for_epoch(epoch: int, cfg) -> float:
+    """Fine-tuning with --freeze-epochs N: the head alone learns at the scheduled rate for N
+    epochs, then the whole model continues at cfg.unfreeze_lr_scale times that rate, so the
+    pretrained body moves gently."""
+    return cfg.unfreeze_lr_scale if cfg.freeze_epochs and epoch >= cfg.freeze_epochs else 1.0
+
+
 class Progress:
     """Fraction of training done: steps over total steps, or wall-clock time over the
     budget when --max-minutes is set, whichever is further along."""

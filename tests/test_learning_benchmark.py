@@ -11,20 +11,38 @@ import learning
 from conftest import make_class_folders
 
 
-@pytest.mark.slow
-def test_learning_benchmark_quick(tmp_path):
+@pytest.fixture
+def dev_tar(tmp_path):
     images = make_class_folders(tmp_path / "src" / "cifar10-dev", per_class=10)
     tar = tmp_path / "dev.tar.gz"
     with tarfile.open(tar, "w:gz") as archive:
         archive.add(images, arcname="cifar10-dev")
+    return tar
+
+
+@pytest.mark.slow
+def test_learning_benchmark_quick(tmp_path, dev_tar):
     out = tmp_path / "results"
-    assert learning.main(["--quick", "--tar", str(tar), "--out", str(out)]) == 0
+    assert learning.main(["--quick", "--tar", str(dev_tar), "--out", str(out)]) == 0
     table = (out / "learning.md").read_text()
-    assert "| budget (min) | test accuracy |" in table and "Ablation" in table
+    assert "| budget (min) | test accuracy |" in table
     data = json.loads((out / "learning.json").read_text())
-    assert len(data["budgets"]) == 1 and len(data["ablation"]) == 2
+    assert len(data["budgets"]) == 1 and data["budgets"][0]["minutes"] == 0.05
     assert 0.0 <= data["budgets"][0]["test_accuracy"] <= 1.0
     assert (out / "learning.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ablation_quick_adds_one_element_a_row(tmp_path, dev_tar):
+    out = tmp_path / "results"
+    assert learning.main(["--quick", "--ablation", "--tar", str(dev_tar), "--out", str(out)]) == 0
+    rows = json.loads((out / "learning-ablation.json").read_text())
+    assert [r["recipe"] for r in rows] == [label for label, _ in learning.ABLATION[:2]]
+    assert rows[1]["args"][-2:] == ["--label-smoothing", "0.1"]  # cumulative flags
+    assert "--tokenizer" in rows[1]["args"]
+    text = (out / "learning-ablation.md").read_text()
+    assert "| recipe | test accuracy | change | epochs |" in text
+    assert not (out / "learning.md").exists()
 
 
 def test_missing_archive_is_a_clear_error(tmp_path):

@@ -5,6 +5,8 @@ has random weights."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -18,6 +20,7 @@ from timm.models.vision_transformer import _load_weights
 import checkpoint as ckpt_io
 import pretrained
 from config import Config, apply_overrides, validate
+from conftest import train_smoke
 from pretrained import (
     PretrainedError,
     freeze_all_but_head,
@@ -693,3 +696,46 @@ def test_freeze_all_but_head_steps_only_the_heads():
     unfreeze_all(model)
     assert all(p.requires_grad for p in model.parameters())
     assert step() == {n for n, _ in model.named_parameters()}
+
+
+# ---- train.py end to end ----------------------------------------------------------------------
+
+
+def logged_lrs(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+
+
+def test_train_fine_tunes_a_checkpoint_head_first_then_all_at_a_lower_lr(tmp_path):
+    """--pretrained + --freeze-epochs: during the frozen epoch only the head moves; then
+    everything trains at --unfreeze-lr-scale times the scheduled lr; the checkpoint records
+    which weights were used."""
+    patch = ("--tokenizer", "patch", "--ema-decay", "0", "--log-every", "1")
+    source = train_smoke(tmp_path / "src", *patch, "--epochs", "1")
+    src = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+
+    frozen = train_smoke(
+        tmp_path / "frozen", *patch, "--pretrained", str(source), "--freeze-epochs", "1",
+        "--epochs", "1",
+    )  # fmt: skip
+    ckpt = torch.load(frozen, map_location="cpu", weights_only=True)
+    changed = {k for k, v in ckpt["state_dict"].items() if not torch.equal(v, src[k])}
+    assert changed == {"head.weight", "head.bias"}
+    assert ckpt["pretrained"]["source"] == str(source)
+    assert ckpt["pretrained"]["format"] == "vit-pipeline"
+
+    lrs = {}
+    for scale in ("1", "0.1"):
+        out = tmp_path / f"scale-{scale}"
+        model = train_smoke(
+            out, *patch, "--pretrained", str(source), "--freeze-epochs", "1", "--epochs", "2",
+            "--unfreeze-lr-scale", scale,
+        )  # fmt: skip
+        lrs[scale] = logged_lrs(out / "runs" / "smoke")
+        weights = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
+        assert not torch.equal(weights["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+    steps_per_epoch = 4  # the smoke preset's limit_train_batches
+    assert sorted(lrs["1"]) == sorted(lrs["0.1"]) == list(range(1, 2 * steps_per_epoch + 1))
+    for step, lr in lrs["1"].items():
+        factor = 1.0 if step <= steps_per_epoch else 0.1
+        assert lrs["0.1"][step] == pytest.approx(factor * lr, rel=1e-9)
