@@ -1,12 +1,14 @@
 """Do distillation and fine-tuning help? Two measured comparisons on the embedded digits.
 
-    python benchmarks/transfer.py            # both comparisons, 3 seeds each (~15 min, 2 cores)
+    python benchmarks/transfer.py            # both comparisons, 3 seeds each (~40 min, 1 core)
+    python benchmarks/transfer.py --only distillation --teacher t.pth --modes hard \\
+        --student-args "--augment trivialaugment"        # reuse a teacher, another recipe
     python benchmarks/transfer.py --quick    # seconds: checks that it works
 
 1. DeiT distillation (Touvron et al. 2021). A ResNet-18 teacher is trained by this pipeline
    (`--arch resnet18`) on digits at 32 px; then the same tiny ViT student (the paper's ViT:
-   one patch convolution, class token) is trained with and without `--teacher` (hard
-   distillation, distillation token), for the same epochs, 3 seeds each.
+   one patch convolution, class token) is trained without a teacher and with `--teacher`
+   (hard and soft distillation, distillation token), for the same epochs, 3 seeds each.
 2. Fine-tuning (the pipeline of `--pretrained`, on weights from a locally trained model: no
    downloads here). A ViT is trained on the digits 0-5; then the digits 6-9 are learnt from 10
    training images a class, from scratch and from those weights (a new 4-class head), 3
@@ -112,11 +114,91 @@ def table(rows: dict, baseline: str) -> list[str]:
     return lines
 
 
+def distillation(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple[list, dict]:
+    if args.teacher:
+        teacher = {"model_path": str(args.teacher), "epochs": "?", "wall_minutes": 0.0}
+        teacher |= score_checkpoint(args.teacher)
+    else:
+        epochs = ["--epochs", str(1 if args.quick else args.teacher_epochs)]
+        teacher = run_train([*TEACHER, "--data", str(data), *epochs, *quick], work, "teacher")
+    print(f"teacher (resnet18): {100 * teacher['test_accuracy']:.2f}%")
+    epochs = 1 if args.quick else args.epochs
+    student = [*STUDENT, "--epochs", str(epochs), *quick, *args.student_args.split()]
+    variants = {"ViT student, no teacher": []}
+    for mode in args.modes:
+        variants[f"ViT student, {mode} distillation"] = [
+            "--teacher", teacher["model_path"], "--distill", mode,
+        ]  # fmt: skip
+    rows = compare({}, work, data, seeds, student, variants)
+    t = summary([teacher])
+    extra = f" (plus `{args.student_args}`)" if args.student_args else ""
+    lines = [
+        f"## Distillation: digits at 32 px, {len(seeds)} seeds, {epochs} epochs a student",
+        "",
+        f"Teacher: ResNet-18 trained by this pipeline (`--arch resnet18`, {teacher['epochs']} "
+        f"epochs): {t['mean']:.2f}% test accuracy. Student: the paper's ViT (patch 4, class "
+        f"token), width 64, depth 4, 2 heads{extra}.",
+        "",
+        *table(rows, "ViT student, no teacher"),
+    ]
+    return lines, {"teacher": t, "student_args": args.student_args, "rows": rows}
+
+
+def score_checkpoint(path: Path) -> dict:
+    """The test accuracy a checkpoint of train.py recorded."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {"test_accuracy": ckpt["metrics"]["test"]["accuracy"]}
+
+
+def fine_tuning(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple[list, dict]:
+    old, new = [str(d) for d in range(6)], [str(d) for d in range(6, 10)]
+    source_data = subset(data, work / "digits-0-5", old, None)
+    target_data = subset(data, work / "digits-6-9", new, args.shots)
+    n_test = sum(1 for _ in (target_data / "test").rglob("*.png"))
+    epochs = ["--epochs", str(1 if args.quick else args.epochs)]
+    pretrained = run_train(
+        [*STUDENT, *epochs, *quick, "--data", str(source_data)], work, "pretrain-0-5"
+    )
+    print(f"pretrained on 0-5: {100 * pretrained['test_accuracy']:.2f}%")
+    finetune = [*STUDENT, "--epochs", str(1 if args.quick else args.finetune_epochs)]
+    finetune += ["--batch-size", "16", *quick]
+    weights = ["--pretrained", pretrained["model_path"]]
+    rows = compare(
+        {},
+        work,
+        target_data,
+        seeds,
+        finetune,
+        {
+            "from scratch": [],
+            "fine-tuned from the 0-5 model": weights,
+            "fine-tuned, head only for 5 epochs, layer decay 0.75": weights
+            + ["--freeze-epochs", "5", "--layer-decay", "0.75"],
+        },
+    )
+    lines = [
+        f"## Fine-tuning: digits 6-9 from {args.shots} training images a class",
+        "",
+        "Pretrained: the same ViT trained on the digits 0-5 "
+        f"({100 * pretrained['test_accuracy']:.2f}% on their test images); scored on the "
+        f"{n_test} held-out test images of 6-9.",
+        "",
+        *table(rows, "from scratch"),
+    ]
+    return lines, {"pretrained_source_accuracy": 100 * pretrained["test_accuracy"], "rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--only", choices=("distillation", "fine-tuning"), default=None)
     parser.add_argument("--epochs", type=int, default=40, help="epochs of every student run")
+    parser.add_argument("--student-args", default="", help="extra train.py options (students)")
+    parser.add_argument("--teacher", type=Path, default=None, help="reuse this teacher")
+    parser.add_argument("--modes", nargs="+", choices=("hard", "soft"), default=["hard", "soft"])
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=60)
     parser.add_argument("--shots", type=int, default=10, help="training images a new class")
@@ -126,92 +208,19 @@ def main(argv=None) -> int:
 
     seeds = SEEDS[:1] if args.quick else SEEDS
     quick = ["--limit-train-batches", "2", "--limit-eval-batches", "2"] if args.quick else []
-    epochs = 1 if args.quick else args.epochs
-    student = [*STUDENT, "--epochs", str(epochs), *quick]
+    command = " ".join(["python benchmarks/transfer.py", *(argv or sys.argv[1:])])
+    lines, result = ["# Transfer learning and distillation", "", f"`{command}`"], {}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_digits(work / "digits")
-
-        teacher = run_train(
-            [
-                *TEACHER,
-                "--data",
-                str(data),
-                "--epochs",
-                str(1 if args.quick else args.teacher_epochs),
-            ]
-            + quick,
-            work,
-            "teacher",
-        )
-        print(f"teacher (resnet18): {100 * teacher['test_accuracy']:.2f}%")
-        distill = {"teacher": summary([teacher])}
-        compare(
-            distill,
-            work,
-            data,
-            seeds,
-            student,
-            {
-                "ViT student, no teacher": [],
-                "ViT student, hard distillation": ["--teacher", teacher["model_path"]],
-                "ViT student, soft distillation": [
-                    "--teacher", teacher["model_path"], "--distill", "soft",
-                ],
-            },
-        )  # fmt: skip
-
-        old, new = [str(d) for d in range(6)], [str(d) for d in range(6, 10)]
-        source_data = subset(data, work / "digits-0-5", old, None)
-        target_data = subset(data, work / "digits-6-9", new, args.shots)
-        n_test = sum(1 for _ in (target_data / "test").rglob("*.png"))
-        pretrained = run_train([*student, "--data", str(source_data)], work, "pretrain-0-5")
-        print(f"pretrained on 0-5: {100 * pretrained['test_accuracy']:.2f}%")
-        finetune = [*STUDENT, "--epochs", str(1 if args.quick else args.finetune_epochs)]
-        finetune += ["--batch-size", "16", *quick]
-        weights = ["--pretrained", pretrained["model_path"]]
-        transfer = compare(
-            {},
-            work,
-            target_data,
-            seeds,
-            finetune,
-            {
-                "from scratch": [],
-                "fine-tuned from the 0-5 model": weights,
-                "fine-tuned, head only for 5 epochs, layer decay 0.75": weights
-                + ["--freeze-epochs", "5", "--layer-decay", "0.75"],
-            },
-        )
-
-    distill_rows = {k: v for k, v in distill.items() if k != "teacher"}
-    t = distill["teacher"]
-    lines = [
-        "# Transfer learning and distillation",
-        "",
-        "`python benchmarks/transfer.py" + (" --quick" if args.quick else "") + "`",
-        "",
-        f"## Distillation: digits at 32 px, {len(seeds)} seeds, {epochs} epochs a student",
-        "",
-        f"Teacher: ResNet-18 trained by this pipeline (`--arch resnet18`, "
-        f"{t['epochs']} epochs): {t['mean']:.2f}% test accuracy. Student: the paper's ViT "
-        "(patch 4, class token), width 64, depth 4, 2 heads.",
-        "",
-        *table(distill_rows, "ViT student, no teacher"),
-        "",
-        f"## Fine-tuning: digits 6-9 from {args.shots} training images a class",
-        "",
-        "Pretrained: the same ViT trained on the digits 0-5 "
-        f"({100 * pretrained['test_accuracy']:.2f}% on their test images); scored on the "
-        f"{n_test} held-out test images of 6-9.",
-        "",
-        *table(transfer, "from scratch"),
-    ]
+        parts = {"distillation": distillation, "fine-tuning": fine_tuning}
+        for name, part in parts.items():
+            if args.only in (None, name):
+                text, result[name] = part(args, work, data, seeds, quick)
+                lines += ["", *text]
     text = "\n".join(lines) + "\n"
     (args.out / "transfer.md").write_text(text)
-    result = {"teacher": t, "distillation": distill_rows, "fine_tuning": transfer}
-    result["pretrained_source_accuracy"] = 100 * pretrained["test_accuracy"]
     (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     print(text)
     return 0

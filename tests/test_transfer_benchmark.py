@@ -49,11 +49,12 @@ def test_transfer_benchmark_quick(tmp_path):
     text = (out / "transfer.md").read_text()
     assert "## Distillation" in text and "## Fine-tuning" in text
     data = json.loads((out / "transfer.json").read_text())
-    assert set(data["distillation"]) == {
+    assert set(data["distillation"]["rows"]) == {
         "ViT student, no teacher",
         "ViT student, hard distillation",
         "ViT student, soft distillation",
     }
-    assert len(data["fine_tuning"]) == 3
-    for row in [*data["distillation"].values(), *data["fine_tuning"].values()]:
+    assert len(data["fine-tuning"]["rows"]) == 3
+    rows = [*data["distillation"]["rows"].values(), *data["fine-tuning"]["rows"].values()]
+    for row in rows:
         assert len(row["per_seed"]) == 1 and 0.0 <= row["mean"] <= 100.0
