@@ -5,7 +5,8 @@ mode, and several Streamlit sessions at once sharing one cached model."""
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,21 +113,25 @@ def test_load_benchmark_refuses_a_missing_model(tmp_path, capsys):
     assert "no model file at" in capsys.readouterr().err
 
 
+def app_session(name: str) -> list[str]:
+    """One user's session of the app: open it, upload `name`, return the prediction shown."""
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.file_uploader[0].set_value([(name, (SAMPLES / name).read_bytes(), "image/png")])
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return predictions_shown(at)
+
+
 @pytest.mark.slow
 def test_three_app_sessions_at_once_each_get_their_prediction(monkeypatch, smoke_model):
+    """Three sessions run the app script at the same time, each gets its own image's answer.
+    Separate processes: AppTest keeps one global Runtime, so threads would race on it."""
     monkeypatch.setenv("MODEL_PATH", str(smoke_model))
     names = ["digit-0.png", "digit-5.png", "digit-8.png"]
     predictor = Predictor(smoke_model, device="cpu")
     expected = [predictor.predict(SAMPLES / n)[0] for n in names]
-
-    def session(name: str) -> list[str]:
-        at = AppTest.from_file(APP, default_timeout=120)
-        at.run()
-        at.file_uploader[0].set_value([(name, (SAMPLES / name).read_bytes(), "image/png")])
-        at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        return predictions_shown(at)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:  # three script runs in flight together
-        shown = list(pool.map(session, names))
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, MODEL_PATH inherited
+    with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
+        shown = list(pool.map(app_session, names))
     assert shown == [[f"**Prediction: {e.predicted}** ({e.probability:.1%})"] for e in expected]
