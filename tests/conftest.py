@@ -20,6 +20,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Back to one thread after each module, whatever a test (a train.py run) set."""
+    yield
+    torch.set_num_threads(1)
+
+
 def make_image(path: Path, label: int, size: int = 20, seed: int = 0) -> Path:
     """A small RGB image whose colour and stripe depend on the label, so classes are learnable."""
     rng = np.random.default_rng(seed)

@@ -17,14 +17,6 @@ from transformer import build_model
 CLASSES = ["cat", "dog", "owl"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def smoke_cfg(**kw) -> Config:
     return Config.from_dict({**PRESETS["smoke"](), **kw})
 

@@ -23,14 +23,6 @@ from config import Config
 from conftest import make_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg_for(data, **kw) -> Config:
     return Config(data=str(data), image_size=16, patch_size=4, **kw)
 

@@ -14,15 +14,6 @@ import tracking
 from checkpoint import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared by many processes: extra intra-op threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     """A local run folder, as training leaves one, for the export to log into."""

@@ -39,16 +39,6 @@ SHAPES = [
 POOLS = [("cls", "token"), ("mean", "avg")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared by many processes: more than one intra-op thread makes tiny models
-    tens of times slower (threads spin waiting for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial values everywhere (biases, norms, tokens), so a swapped or ignored tensor
     shows up in the logits; the default init leaves biases at 0 and norms at 1."""

@@ -24,15 +24,6 @@ from conftest import make_class_folders, train_smoke
 from transformer import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared by many processes: one intra-op thread is much faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def sigterm_guard():
     """train.main installs a SIGTERM handler and leaves it; give the process its own back."""
