@@ -71,6 +71,7 @@ mlflow-ui: install ## the MLflow UI over the local store on http://127.0.0.1:500
 
 benchmark: install-dev ## speed and serving benchmarks (results in metadata/results/*.md)
 	$(PYTHON) benchmarks/speed.py $(ARGS)
+	$(PYTHON) benchmarks/int8_formats.py
 	$(PYTHON) benchmarks/serving.py
 
 learning-benchmark: install ## accuracy vs minutes on ../shared/data/cifar10-dev.tar.gz (5/15/30 min)

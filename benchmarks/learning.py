@@ -10,7 +10,8 @@ out 15% for validation and 15% for testing, and the test accuracy (images never 
 selected on) is what is reported. Every run is `source/train.py --max-minutes M` in a
 subprocess, so the numbers include data loading and evaluation exactly as a user sees them.
 Writes metadata/results/learning.md, learning.json and learning.png (learning-ablation.md and
-.json with --ablation, loader.md with --loader).
+.json with --ablation, loader.md with --loader), and each run's train.py log in
+metadata/results/learning-logs/.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def extract(tar_path: Path, into: Path) -> Path:
     return folders[0] if len(folders) == 1 else into
 
 
-def run_train(args: list[str], work: Path, name: str) -> dict:
-    """`source/train.py ARGS` in a subprocess, its outputs under work/name; returns the
-    saved model's test and validation accuracy, the epochs run and the wall-clock minutes."""
+def run_train(args: list[str], work: Path, name: str, log_dir: Path | None = None) -> dict:
+    """`source/train.py ARGS` in a subprocess, its outputs under work/name (and its printed
+    log as log_dir/NAME.log); returns the saved model's test and validation accuracy, the
+    epochs run and the wall-clock minutes."""
     model = work / name / "model.pth"
     cmd = [
         sys.executable, str(ROOT / "source" / "train.py"), *args,
@@ -67,6 +69,9 @@ def run_train(args: list[str], work: Path, name: str) -> dict:
     wall = (time.monotonic() - start) / 60
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{name}.log").write_text(proc.stdout)
     ckpt = torch.load(model, map_location="cpu", weights_only=True)
     epochs = sum(1 for line in proc.stdout.splitlines() if line.startswith("epoch "))
     return {
@@ -79,10 +84,12 @@ def run_train(args: list[str], work: Path, name: str) -> dict:
     }
 
 
-def train_once(data: Path, minutes: float, extra: list[str], work: Path, name: str) -> dict:
-    """The cifar10 preset on `data` for a budget of `minutes`."""
+def train_once(
+    data: Path, minutes: float, extra: list[str], work: Path, name: str, log_dir: Path
+) -> dict:
+    """The cifar10 preset on `data` for a budget of `minutes`; its log in log_dir."""
     args = ["--preset", "cifar10", "--data", str(data), "--max-minutes", str(minutes)]
-    row = run_train([*args, "--epochs", "1000", *extra], work, name)
+    row = run_train([*args, "--epochs", "1000", *extra], work, name, log_dir)
     row.pop("model_path")  # a temporary folder
     return {"minutes": minutes, **row, "args": extra}
 
@@ -124,13 +131,13 @@ def loader_versus_step(data: Path, batches: int = 20, extra: list[str] | None = 
 
 
 def ablation_runs(
-    data: Path, minutes: float, extra: list[str], work: Path, quick: bool = False
+    data: Path, minutes: float, extra: list[str], work: Path, log_dir: Path, quick: bool = False
 ) -> list[dict]:
     """The ABLATION steps, cumulatively, each a run of `minutes` (the first two if quick)."""
     rows, flags = [], []
     for label, step in ABLATION[: 2 if quick else None]:
         flags = flags + step
-        row = train_once(data, minutes, extra + flags, work, f"ablation-{len(rows)}")
+        row = train_once(data, minutes, extra + flags, work, f"ablation-{len(rows)}", log_dir)
         rows.append({"recipe": label, **row})
         print(f"{label}: {100 * row['test_accuracy']:.1f}%", flush=True)
     return rows
@@ -195,6 +202,7 @@ def main(argv=None) -> int:
     quick += args.train_args.split()
     minutes = [0.05] if args.quick else args.minutes
     args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "learning-logs"  # train.py's printed log of every run
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = args.data or extract(args.tar, work / "data")
@@ -209,9 +217,9 @@ def main(argv=None) -> int:
             print(text)
             return 0
         if args.ablation:
-            rows = ablation_runs(data, minutes[0], quick, work, args.quick)
+            rows = ablation_runs(data, minutes[0], quick, work, logs, args.quick)
             return write_ablation(rows, args.out)
-        rows = [train_once(data, m, quick, work, f"budget-{m:g}") for m in minutes]
+        rows = [train_once(data, m, quick, work, f"budget-{m:g}", logs) for m in minutes]
     lines = [
         "| budget (min) | test accuracy | val accuracy | epochs | wall (min) |",
         "| ---: | ---: | ---: | ---: | ---: |",

@@ -57,3 +57,34 @@ def test_speed_benchmark_quick_writes_tables(smoke_model, tmp_path):
     assert "accuracy" not in digits["inference"]["ONNX Runtime fp32"]  # random weights
     profile = digits["profile"]["ours digits"]
     assert profile["matmul (linear layers)"] > 0 and set(profile) >= {"other", "layer norm"}
+
+
+@pytest.mark.slow
+def test_int8_formats_benchmark_quick_compares_every_format(tmp_path):
+    out = tmp_path / "int8-formats.md"
+    cmd = [sys.executable, "benchmarks/int8_formats.py", "--quick", "--shapes", "digits"]
+    proc = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## digits: 16 px, patch 4, dim 128, depth 6" in out.read_text()
+    rows = json.loads(out.with_suffix(".json").read_text())["digits"]["rows"]
+    assert list(rows) == [
+        "fp32",
+        "dynamic int8 (export.py)",
+        "static int8 QOperator, MatMul",
+        "static int8 QDQ, MatMul",
+        "MatMulNBits 8-bit, block 32, int8 compute",
+        "MatMulNBits 4-bit, block 32, int8 compute",
+    ]
+    assert rows["fp32"]["vs_fp32"] == 1.0 and rows["fp32"]["max_abs_diff"] == 0.0
+    for name, row in rows.items():
+        assert row["cpu_ms_p50"] > 0, name
+        if name != "fp32":  # every format is quantized: smaller and not bit-identical
+            assert row["file_mb"] < 0.5 * rows["fp32"]["file_mb"], name
+            assert 0 < row["max_abs_diff"] < 1.0, name
+
+
+def test_int8_formats_benchmark_rejects_an_unknown_shape(tmp_path):
+    cmd = [sys.executable, "benchmarks/int8_formats.py", "--shapes", "imagenet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--shapes takes names from digits, digits-patch, cifar10-vit" in proc.stderr

@@ -30,6 +30,8 @@ def test_learning_benchmark_quick(tmp_path, dev_tar):
     assert len(data["budgets"]) == 1 and data["budgets"][0]["minutes"] == 0.05
     assert 0.0 <= data["budgets"][0]["test_accuracy"] <= 1.0
     assert (out / "learning.png").stat().st_size > 1000
+    log = (out / "learning-logs" / "budget-0.05.log").read_text()  # train.py's own output
+    assert log.count("\nepoch   1  train loss ") == 1 and "test accuracy" in log
 
 
 @pytest.mark.slow
