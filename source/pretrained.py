@@ -1,5 +1,5 @@
-"""Pretrained ViT weights into this project's `VisionTransformer`, and the transfer-learning
-helpers that go with them: layer-wise learning-rate decay and head-only freezing.
+"""Pretrained ViT weights into this project's `VisionTransformer` (the transfer-learning
+helpers that go with them, layer-wise lr decay and head-only freezing, are in finetune.py).
 
     overrides = infer_config_overrides(spec)   # shape, image size, mean/std of the pretrained model
     model = build_model(cfg, num_classes)      # cfg with those overrides applied
@@ -17,7 +17,7 @@ A spec is one of
     FILE.npz                        the original JAX weights (google-research
                                     vision_transformer, big_vision)
 
-Every layout is first converted to timm's names (which the model shares), then fitted to the
+Every layout is first converted to timm's names (weight_formats.py), then fitted to the
 model: a distillation token added or dropped, position embeddings resized (bicubic) to the
 model's patch grid, the heads re-initialised when the class count differs. A strict load
 then names any tensor that still does not fit.
@@ -41,7 +41,9 @@ from torch import nn
 
 import checkpoint as ckpt_io
 from embeddings import PatchEmbed, resize_pos_embed
+from finetune import HEAD_NAMES
 from transformer import VisionTransformer
+from weight_formats import PretrainedError, hf_to_timm, is_hf_layout, jax_to_timm
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", *TORCH_SUFFIXES)
@@ -52,12 +54,6 @@ STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 # The original JAX ViTs scale pixels to [-1, 1]; transformers' ViTImageProcessor does too.
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HEAD_NAMES = ("head", "head_dist")
-
-
-class PretrainedError(RuntimeError):
-    """Pretrained weights that cannot be used; the message says why and what to do."""
-
 
 # ---- the spec -------------------------------------------------------------------------------
 
@@ -187,159 +183,6 @@ def _unwrap(obj: dict) -> dict:
                 k = k.removeprefix(prefix)
             out[k] = v
     return out
-
-
-_HF_PATCH = "embeddings.patch_embeddings.projection.weight"
-_HF_RULES = [  # (pattern at the start of a name without the vit./deit. prefix, timm name)
-    (r"embeddings\.cls_token$", "cls_token"),
-    (r"embeddings\.distillation_token$", "dist_token"),
-    (r"embeddings\.position_embeddings$", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-    (r"layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
-    (r"layers\.(\d+)\.mlp\.(fc[12])\.", r"blocks.\1.mlp.\2."),
-    (r"layernorm\.", "norm."),
-]
-# Saved files use transformers' original names; transformers 5 renames them in memory.
-_HF_QKV = re.compile(
-    r"(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)"
-    r"|layers\.(\d+)\.attention\.([qkv])_proj)\.(weight|bias)"
-)
-_HF_HEADS = {
-    "classifier.": "head.",
-    "cls_classifier.": "head.",
-    "distillation_classifier.": "head_dist.",
-}
-_HF_UNUSED = ("pooler.", "embeddings.mask_token")  # ViTModel's pooler; masked-image modelling
-
-
-def hf_to_timm(state_dict: dict) -> tuple[dict, list[str]]:
-    """transformers ViT/DeiT names -> timm names (query/key/value fused into qkv)."""
-    patch_key = next(k for k in state_dict if k.endswith(_HF_PATCH))
-    prefix = patch_key[: -len(_HF_PATCH)]  # "vit.", "deit." or "" (ViTModel)
-    out, qkv, dropped = {}, {}, []
-    for key, value in state_dict.items():
-        head = next((h for h in _HF_HEADS if key.startswith(h)), None)
-        if head:
-            out[_HF_HEADS[head] + key[len(head) :]] = value
-            continue
-        name = key.removeprefix(prefix)
-        if name.startswith(_HF_UNUSED):
-            dropped.append(key)
-            continue
-        match = _HF_QKV.fullmatch(name)
-        if match:
-            block, which = match.group(1) or match.group(3), (match.group(2) or match.group(4))[0]
-            qkv.setdefault((int(block), match.group(5)), {})[which] = value
-            continue
-        for pattern, replacement in _HF_RULES:
-            m = re.match(pattern, name)
-            if m:
-                name = m.expand(replacement) + name[m.end() :]
-                break
-        out[name] = value  # unknown names stay as they are, so the strict load names them
-    for (block, kind), parts in sorted(qkv.items()):
-        if set(parts) != {"q", "k", "v"}:
-            raise PretrainedError(
-                f"block {block} of the Hugging Face weights lacks some of query/key/value "
-                f"{kind}; the file is incomplete"
-            )
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    notes = [f"dropped {', '.join(sorted(dropped))} (unused by a classifier)"] if dropped else []
-    return out, notes
-
-
-def jax_to_timm(arrays) -> tuple[dict, int, list[str]]:
-    """Original JAX ViT arrays (an np.load'ed .npz) -> (timm state dict, num_heads, notes).
-
-    The mapping follows timm's `_load_weights` (timm/models/vision_transformer.py): kernels
-    are stored input-major (HWIO, (in, out), (in, heads, head_dim)), so they are transposed;
-    big_vision names its sub-layers differently and stores position embeddings without a
-    class-token entry.
-    """
-    keys = set(arrays.keys())
-    prefix = next(
-        (
-            p
-            for p in ("", "opt/target/", "params/", "params/img/")
-            if f"{p}embedding/kernel" in keys
-        ),
-        None,
-    )
-    if prefix is None:
-        raise PretrainedError(
-            "the .npz has no embedding/kernel array, so it is not a JAX ViT checkpoint "
-            f"(it holds {', '.join(sorted(keys)[:5])}, ...)"
-        )
-
-    def get(name: str, idx: int | None = None) -> torch.Tensor:
-        arr = np.asarray(arrays[prefix + name])
-        if idx is not None:  # scanned layers: one array for all blocks
-            arr = arr[idx]
-        if arr.ndim == 4 and arr.shape[:3] == (1, 1, 1):
-            arr = arr.reshape(-1)
-        return torch.from_numpy(arr.astype(np.float32))
-
-    big_vision = (
-        prefix.startswith("params/")
-        or f"{prefix}pos_embedding" in keys
-        or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in keys
-    )
-    sd = {
-        "patch_embed.proj.weight": get("embedding/kernel").permute(3, 2, 0, 1),  # HWIO -> OIHW
-        "patch_embed.proj.bias": get("embedding/bias"),
-        "norm.weight": get("Transformer/encoder_norm/scale"),
-        "norm.bias": get("Transformer/encoder_norm/bias"),
-    }
-    if f"{prefix}cls" in keys:
-        sd["cls_token"] = get("cls").reshape(1, 1, -1)
-    pos = get("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
-    sd["pos_embed"] = pos.reshape(1, -1, pos.shape[-1])
-    notes = []
-    if f"{prefix}pre_logits/kernel" in keys:
-        # The head of in21k weights reads a tanh representation layer this model lacks.
-        notes.append("dropped pre_logits and the head that reads it")
-    elif f"{prefix}head/kernel" in keys:
-        sd["head.weight"] = get("head/kernel").T
-        sd["head.bias"] = get("head/bias")
-
-    scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in keys
-    if scanned:
-        depth = arrays[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
-    else:
-        found = (re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k) for k in keys)
-        depth = 1 + max((int(m.group(1)) for m in found if m), default=-1)
-    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-    num_heads = 0
-    for i in range(depth):
-        bp, idx = (
-            ("Transformer/encoderblock/", i)
-            if scanned
-            else (f"Transformer/encoderblock_{i}/", None)
-        )
-        ap, out = f"{bp}MultiHeadDotProductAttention_{mha}/", f"blocks.{i}."
-        sd[out + "norm1.weight"] = get(bp + "LayerNorm_0/scale", idx)
-        sd[out + "norm1.bias"] = get(bp + "LayerNorm_0/bias", idx)
-        q = get(ap + "query/kernel", idx)  # (D, heads, head_dim)
-        num_heads = q.shape[1]
-        sd[out + "attn.qkv.weight"] = torch.cat(
-            [get(ap + f"{n}/kernel", idx).flatten(1).T for n in ("query", "key", "value")]
-        )
-        sd[out + "attn.qkv.bias"] = torch.cat(
-            [get(ap + f"{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
-        )
-        sd[out + "attn.proj.weight"] = get(ap + "out/kernel", idx).permute(2, 0, 1).flatten(1)
-        sd[out + "attn.proj.bias"] = get(ap + "out/bias", idx)
-        sd[out + "norm2.weight"] = get(bp + f"LayerNorm_{ln2}/scale", idx)
-        sd[out + "norm2.bias"] = get(bp + f"LayerNorm_{ln2}/bias", idx)
-        for r in range(2):
-            sd[out + f"mlp.fc{r + 1}.weight"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/kernel", idx).T
-            sd[out + f"mlp.fc{r + 1}.bias"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/bias", idx)
-    return sd, num_heads, notes
 
 
 def _grid_side(sd: dict) -> int:
@@ -577,7 +420,7 @@ def _read_folder(folder: Path) -> _Weights:
             f"{folder} holds a {model_type or 'unknown'} model; Hugging Face ViT (vit) and "
             "DeiT (deit) image classifiers are supported"
         )
-    if not any(k.endswith(_HF_PATCH) for k in sd):
+    if not is_hf_layout(sd):
         raise PretrainedError(
             f"{weights} has no ViT patch embedding; the file does not fit config.json"
         )
@@ -626,7 +469,7 @@ def _read_file(path: Path) -> _Weights:
         overrides |= _normalisation(obj.get("preprocessing", {}))
         return _Weights(_unwrap(obj), ckpt_io.FORMAT, overrides, [])
     sd, notes, fmt = _unwrap(obj), [], "timm"
-    if any(k.endswith(_HF_PATCH) for k in sd):
+    if is_hf_layout(sd):
         sd, notes = hf_to_timm(sd)
         fmt = "huggingface"
     num_heads, normalisation = None, {}
@@ -803,75 +646,3 @@ def load_pretrained(model: nn.Module, spec: str) -> dict:
         ) from None
     info["loaded"] = len(sd)
     return info
-
-
-# ---- fine-tuning helpers ----------------------------------------------------------------
-
-
-def layer_id(name: str, depth: int) -> int:
-    """BEiT's layer index of a parameter: 0 the embeddings, i + 1 block i, depth + 1 the
-    heads (and fc_norm, attn_pool). The final norm shares the last block's index, as timm's
-    group_matcher has it (BEiT gives it depth + 1: one factor of layer_decay apart)."""
-    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("norm."):
-        return depth
-    match = re.match(r"blocks\.(\d+)\.", name)
-    return int(match.group(1)) + 1 if match else depth + 1
-
-
-def param_groups_layer_decay(
-    model: nn.Module,
-    weight_decay: float,
-    layer_decay: float,
-    no_weight_decay: set[str] | None = None,
-) -> list[dict]:
-    """AdamW groups with layer-wise lr decay (BEiT, timm): each group's `lr_scale` is
-    layer_decay ** (depth + 1 - layer_id), so the heads get scale 1, block i (and the final
-    norm, with the last block) layer_decay ** (depth - i), the embeddings
-    layer_decay ** (depth + 1).
-
-    Weight decay applies to weight matrices only, as in train.param_groups (ndim >= 2 and not
-    in `no_weight_decay`, by default model.no_weight_decay()). Frozen parameters are left
-    out, so build the optimizer before freezing. Apply the scale in the lr update:
-    group["lr"] = lr * group["lr_scale"].
-    """
-    depth = len(getattr(model, "blocks", ()))
-    if no_weight_decay is None:
-        no_weight_decay = getattr(model, "no_weight_decay", lambda: set())()
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = layer_id(name, depth)
-        decay = param.ndim >= 2 and name not in no_weight_decay
-        group = groups.setdefault(
-            (layer, decay),
-            {
-                "params": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": layer_decay ** (depth + 1 - layer),
-            },
-        )
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
-
-
-def freeze_all_but_head(model: nn.Module) -> list[str]:
-    """Train only the classification heads (head, head_dist); returns their parameter names.
-
-    Frozen parameters get no gradient, so an optimizer built before freezing leaves them
-    untouched (AdamW skips parameters whose grad is None, weight decay included)."""
-    trainable = []
-    for name, param in model.named_parameters():
-        keep = name.split(".")[0] in HEAD_NAMES
-        param.requires_grad_(keep)
-        if keep:
-            trainable.append(name)
-    if not trainable:
-        raise ValueError(f"{type(model).__name__} has no head or head_dist to train alone")
-    return trainable
-
-
-def unfreeze_all(model: nn.Module) -> None:
-    model.requires_grad_(True)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import checkpoint as ckpt_io
 import metrics as M
 import preprocessing as P
+import report
 import tracking
 from config import (
     MODEL_SIZES,
@@ -40,14 +41,8 @@ from config import (
 )
 from config import validate as validate_config
 from distill import DistillationLoss, TeacherError, load_teacher, student_outputs
-from pretrained import (
-    PretrainedError,
-    freeze_all_but_head,
-    infer_config_overrides,
-    load_pretrained,
-    param_groups_layer_decay,
-    unfreeze_all,
-)
+from finetune import freeze_all_but_head, param_groups_layer_decay, unfreeze_all
+from pretrained import PretrainedError, infer_config_overrides, load_pretrained
 from runtime import (
     autocast_for,
     rng_state,
@@ -443,7 +438,7 @@ def run(argv=None) -> int:
     # ---- the report: curves, then the best model on the test split --------------------------
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    M.plot_history(history, results_dir / "accuracy_loss.png")
+    report.plot_history(history, results_dir / "accuracy_loss.png")
     best_model, best = ckpt_io.load_model(cfg.model_path, device)
     result = M.evaluate(
         best_model, test_loader, device, autocast=autocast, limit_batches=cfg.limit_eval_batches

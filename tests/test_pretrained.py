@@ -21,15 +21,8 @@ import checkpoint as ckpt_io
 import pretrained
 from config import Config, apply_overrides, validate
 from conftest import train_smoke
-from pretrained import (
-    PretrainedError,
-    freeze_all_but_head,
-    infer_config_overrides,
-    load_pretrained,
-    param_groups_layer_decay,
-    resolve_spec,
-    unfreeze_all,
-)
+from finetune import freeze_all_but_head, param_groups_layer_decay, unfreeze_all
+from pretrained import PretrainedError, infer_config_overrides, load_pretrained, resolve_spec
 from transformer import VisionTransformer, build_model
 
 ATOL = 1e-5  # float32 on the same operations in another order
