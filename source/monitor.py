@@ -44,7 +44,6 @@ import torch
 import metrics as M
 import preprocessing as P
 from checkpoint import CheckpointError, config_from_checkpoint, load_model
-from report import pyplot
 from runtime import autocast_for, select_device, setup_logging
 
 EXIT_HEALTHY, EXIT_RETRAIN, EXIT_ERROR = 0, 1, 2
@@ -541,7 +540,7 @@ def format_report(report: dict) -> str:
 def plot_report(report: dict, path: Path) -> None:
     """Metric deltas with their bootstrap intervals, drift -log10 p-values, and the
     confidence distributions: one figure, so a glance says what moved."""
-    plt = pyplot()
+    plt = M._pyplot()
     decay, drift = report.get("decay"), report["drift"]
     panels = (["decay"] if decay else []) + ["drift", "confidence"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import metrics as M
 import preprocessing as P
-import report
 import tracking
 from checkpoint import CheckpointError, config_from_checkpoint, load_model
 from runtime import autocast_for, select_device, setup_logging
@@ -307,7 +306,7 @@ def evaluate_and_report(args) -> int:
         marks[f"{args.threshold_rule} on valid"] = new
 
     out = Path(args.results_dir)
-    metrics = report.write_report(
+    metrics = M.write_report(
         result,
         classes,
         out,
@@ -316,14 +315,14 @@ def evaluate_and_report(args) -> int:
         extra=extra,
         threshold_marks=marks,
     )
-    files = [out / name for name in report.REPORT_FILES]
+    files = [out / name for name in M.REPORT_FILES]
     if binary:
         files.append(out / "threshold.png")
     attn = write_attention(model, dataset, ckpt, result, args.attention_index, out / "attn.png")
     if attn:
         files.append(attn)
 
-    text = (out / "classification_report.txt").read_text()
+    report = (out / "classification_report.txt").read_text()
     print(f"{args.split} split of {cfg.data}: {metrics['num_samples']} images, {device}")
     for key in SUMMARY_METRICS:
         if key in metrics:
@@ -336,7 +335,7 @@ def evaluate_and_report(args) -> int:
         print(f"re-chosen threshold {new:.4f} ({args.threshold_rule} on the validation split):")
         for key in ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro"):
             print(f"  {key:18s} {metrics[key]:.4f} -> {rechosen[key]:.4f}")
-    print(text)
+    print(report)
 
     if args.update_readme:
         readme = Path(args.readme)

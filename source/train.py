@@ -29,7 +29,6 @@ from tqdm import tqdm
 import checkpoint as ckpt_io
 import metrics as M
 import preprocessing as P
-import report
 import tracking
 from config import (
     MODEL_SIZES,
@@ -438,7 +437,7 @@ def run(argv=None) -> int:
     # ---- the report: curves, then the best model on the test split --------------------------
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    report.plot_history(history, results_dir / "accuracy_loss.png")
+    M.plot_history(history, results_dir / "accuracy_loss.png")
     best_model, best = ckpt_io.load_model(cfg.model_path, device)
     result = M.evaluate(
         best_model, test_loader, device, autocast=autocast, limit_batches=cfg.limit_eval_batches

@@ -14,7 +14,6 @@ from sklearn.calibration import calibration_curve
 from sklearn.preprocessing import label_binarize
 
 import metrics as M
-import report as R
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -276,29 +275,29 @@ def assert_png(path, size=None):
 def test_curve_plots_have_the_expected_size(tmp_path, num_classes):
     labels, probs = example(num_classes)
     classes = [f"class {i}" for i in range(num_classes)]
-    size = (int(R.FIGSIZE[0] * R.DPI), int(R.FIGSIZE[1] * R.DPI))
-    R.plot_roc(labels, probs, classes, tmp_path / "roc.png", threshold=0.4)
-    R.plot_pr(labels, probs, classes, tmp_path / "pr.png")
-    R.plot_calibration(labels, probs, tmp_path / "calibration.png")
+    size = (int(M.FIGSIZE[0] * M.DPI), int(M.FIGSIZE[1] * M.DPI))
+    M.plot_roc(labels, probs, classes, tmp_path / "roc.png", threshold=0.4)
+    M.plot_pr(labels, probs, classes, tmp_path / "pr.png")
+    M.plot_calibration(labels, probs, tmp_path / "calibration.png")
     assert_png(tmp_path / "roc.png", size)
     assert_png(tmp_path / "pr.png", size)
-    calibration = (int(R.CALIBRATION_FIGSIZE[0] * R.DPI), int(R.CALIBRATION_FIGSIZE[1] * R.DPI))
+    calibration = (int(M.CALIBRATION_FIGSIZE[0] * M.DPI), int(M.CALIBRATION_FIGSIZE[1] * M.DPI))
     assert_png(tmp_path / "calibration.png", calibration)
     if num_classes == 2:
-        R.plot_threshold(labels, probs[:, 1], tmp_path / "t.png", 0.4, {"youden": 0.5})
+        M.plot_threshold(labels, probs[:, 1], tmp_path / "t.png", 0.4, {"youden": 0.5})
         assert_png(tmp_path / "t.png", size)
 
 
 def test_confusion_matrix_with_400_classes_renders_the_most_confused(tmp_path):
     labels, probs = example(400, n=1200, signal=2.0)
     preds = probs.argmax(axis=1)
-    cm = R.plot_confusion_matrix(
+    cm = M.plot_confusion_matrix(
         labels, preds, [f"species {i}" for i in range(400)], tmp_path / "cm.png"
     )
     np.testing.assert_array_equal(cm, skm.confusion_matrix(labels, preds, labels=range(400)))
-    side = 0.4 * R.CONFUSION_MAX_CLASSES + 2
-    assert_png(tmp_path / "cm.png", (int(side * R.DPI), int(side * 0.85 * R.DPI)))
-    R.write_confusion_csv(cm, [f"species {i}" for i in range(400)], tmp_path / "cm.csv")
+    side = 0.4 * M.CONFUSION_MAX_CLASSES + 2
+    assert_png(tmp_path / "cm.png", (int(side * M.DPI), int(side * 0.85 * M.DPI)))
+    M.write_confusion_csv(cm, [f"species {i}" for i in range(400)], tmp_path / "cm.csv")
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "cm.csv", index_col=0)
@@ -315,25 +314,25 @@ def test_misclassified_gallery_shows_the_most_confident_mistakes(tmp_path):
         loaded.append(i)
         return np.full((3, 8, 8), 40 * i, dtype=np.uint8)  # CHW, as ImageDataset caches
 
-    shown = R.plot_misclassified(labels, probs, list("abc"), load, tmp_path / "m.png")
+    shown = M.plot_misclassified(labels, probs, list("abc"), load, tmp_path / "m.png")
     assert shown == [0, 2]  # wrong: 0 (p 0.8) and 2 (p 0.6), most confident first
     assert loaded == [0, 2]
     assert_png(tmp_path / "m.png")
-    R.plot_misclassified(labels, np.eye(3)[labels], list("abc"), load, tmp_path / "none.png")
+    M.plot_misclassified(labels, np.eye(3)[labels], list("abc"), load, tmp_path / "none.png")
     assert_png(tmp_path / "none.png")  # "no misclassified images", still a readable figure
 
 
 def test_write_report_files_agree(tmp_path):
     labels, probs = example(3, n=30)
     result = M.EvalResult(labels, probs, 0.5, paths=[f"img/{i}.png" for i in range(30)])
-    metrics = R.write_report(
+    metrics = M.write_report(
         result,
         ["cat", "dog", "owl"],
         tmp_path,
         load_image=lambda i: Image.new("RGB", (10, 10), (i * 8, 0, 0)),
         extra={"split": "test"},
     )
-    for name in R.REPORT_FILES:
+    for name in M.REPORT_FILES:
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "threshold.png").exists()  # binary tasks only
     saved = json.loads((tmp_path / "metrics.json").read_text())

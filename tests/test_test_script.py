@@ -15,7 +15,6 @@ from PIL import Image
 
 import metrics as M
 import preprocessing as P
-import report
 import tracking
 from checkpoint import make_checkpoint, save_checkpoint
 from config import PRESETS, Config
@@ -80,7 +79,7 @@ def test_report_on_the_smoke_model(smoke_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test split of digits" in printed and "macro avg" in printed
 
-    for name in (*report.REPORT_FILES, "attn.png"):
+    for name in (*M.REPORT_FILES, "attn.png"):
         assert (out / name).is_file(), name
     assert not (out / "threshold.png").exists()  # ten classes: no threshold
     metrics = json.loads((out / "metrics.json").read_text())
