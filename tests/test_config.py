@@ -144,6 +144,7 @@ def test_unknown_preset_is_refused(capsys):
         (["--warmup-fraction", "1"], "warmup_fraction must be in [0, 1)"),
         (["--crop-scale", "0"], "crop_scale must be in (0, 1]"),
         (["--pool", "max"], "pool 'max' is not one of cls, mean, seq"),
+        (["--select-metric", "loss"], "select_metric 'loss' is not one of accuracy, balanced_"),
         (["--depth", "0"], "depth must be at least 1"),
         (["--mean", "0.5,0.5"], "mean and std need 3 values"),
         (["--std", "0.5,0,0.5"], "std values must be positive"),
