@@ -142,8 +142,8 @@ MODEL_SIZES = {
 
 def _digits() -> dict:
     """The default: sklearn's 1,797 8x8 digits at 16 px, a CCT-style conv tokenizer and an
-    EMA of the weights, in a 2.5-minute budget. `make all` on 2 CPU cores: 98.1-98.9% test
-    accuracy in four runs (3 to 5 of the 269 test images wrong; README: learning quality).
+    EMA of the weights, in a 2.5-minute budget. `python source/train.py` on 2 CPU cores: 98.1-98.9%
+    test accuracy in four runs (3 to 5 of the 269 test images wrong; README: learning quality).
     """
     return dict(
         data="digits",
