@@ -562,6 +562,25 @@ def test_augmentation_fixed_by_seed_epoch_and_index():
     assert not torch.equal(other[2][0], first)
 
 
+def test_augmentation_seeds_only_the_cpu_generator(monkeypatch):
+    # torch.manual_seed also queues a seed for CUDA, XPU and MTIA and formats a stack trace
+    # each time: per sample, a quarter of the digits training time. The draws must not change.
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 20, 20), dtype=np.uint8))
+    transform = P.train_transform(Config(image_size=16, crop_scale=0.3, hflip=True))
+    ds = P.ImageDataset(["m/0"], [0], ["a"], transform, [image])
+    ds.seed = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3 * 1_000_000_007 + 5)
+        expected = transform(image)
+
+    def refuse(seed):
+        raise AssertionError("an accelerator was seeded for one training sample")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    assert torch.equal(ds[5][0], expected)
+
+
 def test_augmentation_changes_with_epoch_in_worker_processes():
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(rng.integers(0, 256, (3, 20, 20), dtype=np.uint8)) for _ in range(8)]
