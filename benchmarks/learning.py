@@ -103,13 +103,13 @@ def loader_versus_step(data: Path, batches: int = 20, extra: list[str] | None = 
     sys.path.insert(0, str(ROOT / "source"))
     import preprocessing as P
     from config import PRESETS, Config, apply_overrides
+    from runtime import set_torch_threads
     from transformer import build_model
 
     cfg = Config.from_dict({**PRESETS["cifar10"](), "data": str(data)})
     overrides = dict(zip((extra or [])[::2], (extra or [])[1::2], strict=True))
     apply_overrides(cfg, {k.lstrip("-"): v for k, v in overrides.items()})
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     splits = P.with_transforms(P.load_splits(cfg), cfg)
     loader = P.make_loader(splits.train, cfg, train=True)
     it = (batch for _ in range(10_000) for batch in loader)  # epoch after epoch

@@ -761,8 +761,9 @@ def main(argv=None) -> int:
     import torch
 
     from checkpoint import CheckpointError, config_from_checkpoint, load_model
-    from export import OnnxError, default_threads
+    from export import OnnxError
     from preprocessing import DataError
+    from runtime import default_threads
     from transformer import build_model
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -56,14 +56,6 @@ class OnnxError(RuntimeError):
 # ---- running an exported model --------------------------------------------------------------
 
 
-def default_threads() -> int:
-    """The cores this process may use (the affinity mask, which containers and taskset set)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 class OnnxRunner:
     """An exported model in an ONNX Runtime session; class names and preprocessing from the
     file's metadata.
@@ -107,6 +99,8 @@ class OnnxRunner:
     @staticmethod
     def session_options(threads: int | None = None):
         import onnxruntime as ort
+
+        from runtime import default_threads
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
@@ -420,6 +414,7 @@ def main(argv=None) -> int:
 
     import preprocessing as P
     from checkpoint import CheckpointError, load_model
+    from runtime import default_threads
 
     try:
         model, ckpt = load_model(args.model_path)

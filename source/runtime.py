@@ -29,6 +29,23 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def default_threads() -> int:
+    """The cores this process may use (the affinity mask, which containers and taskset set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def set_torch_threads(requested: int) -> int:
+    """PyTorch's intra-op threads: `requested` (0 leaves torch's default) but no more than the
+    cores this process may use, where extra threads only wait for each other. Returns the
+    number in use."""
+    if requested:
+        torch.set_num_threads(min(requested, default_threads()))
+    return torch.get_num_threads()
+
+
 def autocast_for(device: torch.device, enabled: bool = True):
     """A no-argument factory of the autocast context: bf16 on CUDA (no loss scaling needed)
     and on MPS where this torch supports it; full precision on CPU, where bf16 autocast is

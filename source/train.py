@@ -48,6 +48,7 @@ from runtime import (
     seed_everything,
     select_device,
     set_rng_state,
+    set_torch_threads,
     setup_logging,
 )
 from training import (
@@ -126,8 +127,7 @@ def run(argv=None) -> int:
     if main_process:
         print(f"config (preset {args.preset}):")
         print("  " + "\n  ".join(f"{k} = {v}" for k, v in cfg.to_dict().items()))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     autocast = autocast_for(device, cfg.amp)
     seed_everything(cfg.seed)
 

@@ -492,3 +492,16 @@ def test_train_main_restores_the_sigterm_handler(tmp_path, sigterm_guard):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     train_smoke(tmp_path, "--epochs", "1", "--limit-train-batches", "1", *FAST)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch):
+    import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert runtime.default_threads() == 1
+    assert runtime.set_torch_threads(2) == 1  # the digits preset's 2 on a one-core container
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert runtime.default_threads() == 4
+    assert runtime.set_torch_threads(2) == 2
+    assert runtime.set_torch_threads(0) == 2  # 0 leaves the setting as it is
+    torch.set_num_threads(1)
