@@ -94,7 +94,7 @@ class Config:
     seed: int = 42  # seeds python, numpy and torch; also fixes the data split
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     compile: bool = False  # torch.compile the model for training
-    threads: int = 0  # CPU threads for torch ops (0 = torch's default); 1 suits tiny models
+    threads: int = 0  # CPU threads for torch ops, at most the cores available (0 = torch default)
     model_path: str = "metadata/models/model.pth"  # where the best model is written
     results_dir: str = "metadata/results"  # plots and metrics
     classes_path: str = "metadata/classes.txt"  # class names, one a line
@@ -193,10 +193,11 @@ def _cifar10() -> dict:
     TrivialAugment and a class token, in a 30-minute budget.
 
     python source/train.py --preset cifar10 --data path/to/images --max-minutes 15
-    Measured on 10,000 CIFAR-10 images (benchmarks/learning.py, 2 CPU cores): 66.0% test
-    accuracy after 15 minutes, 70.4% and 70.8% after 30 (README: learning quality). Under
-    15 minutes add --augment none (5 minutes: 59.1% without TrivialAugment, 55.9% with). On
-    a GPU use the cifar10-gpu preset (not measured here: no GPU was available).
+    Measured on 10,000 CIFAR-10 images (benchmarks/learning.py, 2 CPU cores): 65.4-66.0% test
+    accuracy after 15 minutes (two runs), 69.7-70.8% after 30 (three runs, mean 70.3%; README:
+    learning quality). Under 15 minutes add --augment none (5 minutes: 59.1% without
+    TrivialAugment, 55.9% and 56.0% with). On a GPU use the cifar10-gpu preset (not measured
+    here: no GPU was available).
     """
     return dict(
         data="cifar10",
