@@ -410,11 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
 
     import preprocessing as P
     from checkpoint import CheckpointError, load_model
-    from runtime import default_threads
+    from runtime import default_threads, set_torch_threads
 
     try:
         model, ckpt = load_model(args.model_path)
@@ -429,7 +428,7 @@ def main(argv=None) -> int:
         print(f"error: cannot load verification images: {err}", file=sys.stderr)
         return 2
 
-    torch.set_num_threads(args.threads or default_threads())
+    set_torch_threads(args.threads or default_threads())
     props = metadata_for(ckpt, args.model_path)
     written = []
     try:

@@ -204,11 +204,11 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    import torch
     import uvicorn
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    from runtime import set_torch_threads
+
+    set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device
