@@ -212,7 +212,12 @@ def test_every_parameter_gets_a_gradient(kw):
     model = tiny(**kw).train()
     loss = nn.functional.cross_entropy(model(images(4)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    # Sequence pooling's score bias shifts every token's score alike and softmax ignores a
+    # shift, so its gradient is zero up to rounding (exactly zero on some CPUs).
+    if "attn_pool.bias" in grads:
+        assert grads.pop("attn_pool.bias").abs().max() < 1e-6
+    dead = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
     assert dead == []
 
 
