@@ -87,4 +87,4 @@ def test_int8_formats_benchmark_rejects_an_unknown_shape(tmp_path):
     cmd = [sys.executable, "benchmarks/int8_formats.py", "--shapes", "imagenet"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "--shapes takes names from digits, digits-patch, cifar10-vit" in proc.stderr
+    assert "--shapes takes names from digits, digits-patch, cifar10, cifar10-vit" in proc.stderr
