@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -77,6 +79,81 @@ def test_file_is_self_contained_with_dynamic_batch_and_metadata(exported, smoke_
     assert report["classes"] == ckpt["classes"]
     assert report["verification"]["onnx"]["max_abs_diff"] < 1e-4
     assert report["verification"]["onnx"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_graph_has_one_attention_and_one_gelu_node_a_block(exported, tmp_path):
+    """Opset 23: each block's attention is one Attention node fed (B, S, C) tensors (no
+    per-head Reshape/Transpose left), its GELU one Gelu node that ONNX Runtime fuses with the
+    bias Add into BiasGelu (opset 18's Div-Erf-Add-Mul-Mul matched none of its fusions)."""
+    graph = onnx.load(exported).graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert ops["Attention"] == 2 and ops["Gelu"] == 2  # the smoke model has two blocks
+    assert ops["Erf"] == 0 and ops["Softmax"] == 0
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "Attention":
+            heads = {a.name: a.i for a in node.attribute}
+            assert heads["q_num_heads"] == heads["kv_num_heads"] == 2
+            assert not {producer[name] for name in node.input} & {"Reshape", "Transpose"}
+        assert not (node.op_type == "Transpose" and producer.get(node.input[0]) == "Attention")
+    options = export.OnnxRunner.session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx").graph.node
+    assert collections.Counter(node.op_type for node in optimized)["BiasGelu"] == 2
+
+
+def _attention_graph(perm=(0, 2, 1, 3), heads=4, head_dim=8, tokens=5):
+    """Reshape/Transpose into heads, Attention (opset 23), and back: what the exporter writes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    dim = heads * head_dim
+    nodes = []
+    for name in ("q", "k", "v"):
+        nodes.append(helper.make_node("Reshape", [name, "heads_shape"], [f"{name}4"]))
+        nodes.append(helper.make_node("Transpose", [f"{name}4"], [f"{name}t"], perm=list(perm)))
+    nodes += [
+        helper.make_node("Attention", ["qt", "kt", "vt"], ["y4"]),
+        helper.make_node("Transpose", ["y4"], ["yt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "flat_shape"], ["y"]),
+    ]
+    shapes = [
+        numpy_helper.from_array(np.array([-1, tokens, heads, head_dim]), "heads_shape"),
+        numpy_helper.from_array(np.array([-1, tokens, dim]), "flat_shape"),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", tokens, dim]) for n in "qkv"]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    graph = helper.make_graph(nodes, "attention", io, out, shapes)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    return model
+
+
+def test_fold_head_reshapes_gives_the_same_attention_in_one_node():
+    model = _attention_graph()
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((3, 5, 32), dtype=np.float32) for n in "qkv"}
+
+    def run(proto):
+        session = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, feeds)[0]
+
+    expected = run(model)
+    assert export.fold_head_reshapes(model.graph) == 1
+    assert [node.op_type for node in model.graph.node] == ["Attention"]
+    assert list(model.graph.node[0].input) == ["q", "k", "v"]
+    assert not model.graph.initializer  # the shape constants went with their Reshapes
+    np.testing.assert_allclose(run(model), expected, atol=1e-6, rtol=0)
+
+
+def test_fold_head_reshapes_leaves_other_layouts_alone():
+    model = _attention_graph(perm=(0, 1, 2, 3))  # not the (B, S, H, D) -> (B, H, S, D) split
+    before = model.SerializeToString()
+    assert export.fold_head_reshapes(model.graph) == 0
+    assert model.SerializeToString() == before
 
 
 @pytest.mark.slow
