@@ -18,8 +18,9 @@ or data that cannot be read gives 2.
 The graph stays in standard ONNX operators (portable, opset 23): one Attention node a block,
 fed the (B, S, C) projections directly (`fold_head_reshapes`), and one Gelu node, which ONNX
 Runtime fuses with its bias Add when it loads the file. `--graph-optimizer transformers`
-bakes in `onnxruntime.transformers.optimizer`'s fusions instead (SkipLayerNormalization,
-BiasGelu), which measured no faster (README, Speed).
+bakes in `onnxruntime.transformers.optimizer`'s fusions instead (ONNX Runtime only), which
+add nothing to this graph: its shape inference does not know opset 23's Attention, so it
+skips its SkipLayerNormalization fusion (README, Speed).
 int8 is dynamic quantization of every MatMul weight
 (`onnxruntime.quantization.quantize_dynamic`), activations quantized per batch at run time.
 
@@ -185,14 +186,18 @@ def fold_head_reshapes(graph) -> int:
     back through a Transpose and a Reshape. Attention takes 3-D tensors with q_num_heads and
     kv_num_heads as well, which is the same computation in one node instead of nine (about
     a fifth of a small model's nodes). Returns the number of Attention nodes rewritten."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    shapes = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer if t.dims}
+    shapes = {  # the constant shape operands of Reshape: small int64 vectors
+        t.name: numpy_helper.to_array(t).tolist()
+        for t in graph.initializer
+        if t.data_type == TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] <= 8
+    }
 
     def only_consumer(name: str, op_type: str):
         nodes = consumers.get(name, [])
@@ -300,8 +305,8 @@ def export_model(model, image_size: int, out: Path, props: dict[str, str]) -> Pa
 
 def quantize_int8(fp32_path: Path, out: Path, props: dict[str, str]) -> Path:
     """Dynamic int8 quantization of the MatMul weights; activations are quantized per batch
-    at run time. The patch convolution stays fp32 (ConvInteger was no faster and it is
-    <1% of the weights)."""
+    at run time. The tokenizer's convolutions stay fp32 (ONNX Runtime's ConvInteger was
+    slower; README, Speed)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process

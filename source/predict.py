@@ -136,7 +136,8 @@ class Predictor:
         onnx_path: str | Path | None = None,
     ):
         # One setting for the CLI, the app and the API: PREDICT_BACKEND=onnx uses the ONNX
-        # export beside the checkpoint (model.onnx; `python source/export.py` writes it).
+        # export beside the checkpoint (model.onnx; `python source/export.py` writes it), or
+        # the file PREDICT_ONNX_PATH names (model.int8.onnx, say).
         backend = backend or os.environ.get("PREDICT_BACKEND", "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
@@ -163,6 +164,7 @@ class Predictor:
         if backend == "onnx":
             from export import OnnxRunner
 
+            onnx_path = onnx_path or os.environ.get("PREDICT_ONNX_PATH")
             self.runner = OnnxRunner(onnx_path or self.model_path.with_suffix(".onnx"))
             if self.runner.classes != self.classes:
                 raise ValueError(

@@ -19,7 +19,8 @@ def exported(smoke_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     model = folder / "model.pth"
     shutil.copy(smoke_model, model)
-    assert export.main(["--model-path", str(model), "--out", str(folder / "model.onnx")]) == 0
+    argv = ["--model-path", str(model), "--out", str(folder / "model.onnx"), "--quantize", "int8"]
+    assert export.main(argv) == 0
     return model
 
 
@@ -36,6 +37,20 @@ def test_predict_backend_environment_variable(exported, monkeypatch):
     assert Predictor(exported).runner is not None
     monkeypatch.setenv("PREDICT_BACKEND", "torch")
     assert Predictor(exported).runner is None
+
+
+def test_predict_onnx_path_serves_the_int8_file(exported, monkeypatch):
+    int8 = exported.with_name("model.int8.onnx")
+    monkeypatch.setenv("PREDICT_BACKEND", "onnx")
+    monkeypatch.setenv("PREDICT_ONNX_PATH", str(int8))
+    predictor = Predictor(exported)
+    assert predictor.runner.path == int8
+    assert "int8" in predictor.runner.metadata["quantization"]
+    fp32 = Predictor(exported, onnx_path=exported.with_suffix(".onnx"))  # the argument wins
+    assert fp32.runner.path == exported.with_suffix(".onnx")
+    got, expected = predictor.predict(SAMPLES), fp32.predict(SAMPLES)
+    agree = np.mean([a.predicted == b.predicted for a, b in zip(got, expected, strict=True)])
+    assert agree >= 0.8
 
 
 def test_missing_onnx_file_is_a_clear_error(smoke_model, tmp_path):
