@@ -47,8 +47,9 @@ class Attention(nn.Module):
         else:
             q, k, v = self.project_few_queries(x, num_queries)
         M = q.shape[1]  # output tokens: N, or num_queries
-        # Per-head views: the strides of timm's reshape-permute-unbind, and in ONNX a plain
-        # Split-Reshape-Transpose instead of a 5-D permute and six Slice/Squeeze ops.
+        # Per-head views: the strides of timm's reshape-permute-unbind. In ONNX a plain
+        # Split-Reshape-Transpose, which export.fold_head_reshapes folds into the Attention
+        # node (a 5-D permute would leave six Slice/Squeeze ops instead).
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         attn = None
         if self.fused_attn and not return_attention:

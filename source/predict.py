@@ -390,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default=None,
         choices=BACKENDS,
-        help="torch, or onnx (model.onnx beside the checkpoint); default: $PREDICT_BACKEND "
-        "or torch",
+        help="torch, or onnx (model.onnx beside the checkpoint, or $PREDICT_ONNX_PATH); "
+        "default: $PREDICT_BACKEND or torch",
     )
     return parser
 

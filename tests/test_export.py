@@ -104,11 +104,11 @@ def test_graph_has_one_attention_and_one_gelu_node_a_block(exported, tmp_path):
     assert collections.Counter(node.op_type for node in optimized)["BiasGelu"] == 2
 
 
-def _attention_graph(perm=(0, 2, 1, 3), heads=4, head_dim=8, tokens=5):
-    """Reshape/Transpose into heads, Attention (opset 23), and back: what the exporter writes."""
+def _attention_graph(heads_shape=(-1, 5, 4, 8), perm=(0, 2, 1, 3), extra_output=None):
+    """Reshape/Transpose into heads, Attention (opset 23), and back: what the exporter writes
+    for q, k, v of shape (B, 5, 32) with 4 heads of 8."""
     from onnx import TensorProto, helper, numpy_helper
 
-    dim = heads * head_dim
     nodes = []
     for name in ("q", "k", "v"):
         nodes.append(helper.make_node("Reshape", [name, "heads_shape"], [f"{name}4"]))
@@ -119,11 +119,13 @@ def _attention_graph(perm=(0, 2, 1, 3), heads=4, head_dim=8, tokens=5):
         helper.make_node("Reshape", ["yt", "flat_shape"], ["y"]),
     ]
     shapes = [
-        numpy_helper.from_array(np.array([-1, tokens, heads, head_dim]), "heads_shape"),
-        numpy_helper.from_array(np.array([-1, tokens, dim]), "flat_shape"),
+        numpy_helper.from_array(np.array(heads_shape), "heads_shape"),
+        numpy_helper.from_array(np.array([-1, 5, 32]), "flat_shape"),
+        numpy_helper.from_array(np.ones(3, np.float32), "unused_weight"),  # not the fold's
     ]
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", tokens, dim]) for n in "qkv"]
-    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 5, 32]) for n in "qkv"]
+    names = ["y"] + ([extra_output] if extra_output else [])
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     graph = helper.make_graph(nodes, "attention", io, out, shapes)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
@@ -145,12 +147,23 @@ def test_fold_head_reshapes_gives_the_same_attention_in_one_node():
     assert export.fold_head_reshapes(model.graph) == 1
     assert [node.op_type for node in model.graph.node] == ["Attention"]
     assert list(model.graph.node[0].input) == ["q", "k", "v"]
-    assert not model.graph.initializer  # the shape constants went with their Reshapes
+    # The shape constants went with their Reshapes; other initializers stay.
+    assert [t.name for t in model.graph.initializer] == ["unused_weight"]
     np.testing.assert_allclose(run(model), expected, atol=1e-6, rtol=0)
 
 
-def test_fold_head_reshapes_leaves_other_layouts_alone():
-    model = _attention_graph(perm=(0, 1, 2, 3))  # not the (B, S, H, D) -> (B, H, S, D) split
+@pytest.mark.parametrize(
+    "graph",
+    [
+        dict(perm=(0, 1, 2, 3)),  # not the (B, S, H, D) -> (B, H, S, D) split
+        dict(heads_shape=(-1, 4, 5, 8)),  # (B, H, S, D): the channels are not (heads, dim)
+        dict(heads_shape=(-1, 5, 0, 8)),  # a copied dim: no head count to read
+        dict(extra_output="kt"),  # a tensor the rewrite would remove is a graph output
+    ],
+    ids=["perm", "heads-first", "zero-heads", "graph-output"],
+)
+def test_fold_head_reshapes_leaves_other_graphs_alone(graph):
+    model = _attention_graph(**graph)
     before = model.SerializeToString()
     assert export.fold_head_reshapes(model.graph) == 0
     assert model.SerializeToString() == before
@@ -164,11 +177,11 @@ def test_int8_model_is_smaller_and_agrees_with_fp32(exported, smoke_model):
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
     assert int8_path.stat().st_size < exported.stat().st_size
 
-    # Every weight matmul is quantized (4 a block); only activation x activation ones stay.
-    floats = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "MatMulInteger")]
-    assert not [n.name for n in matmuls if n.op_type == "MatMul" and n.input[1] in floats]
-    assert sum(n.op_type == "MatMulInteger" for n in matmuls) >= 4 * 2
+    # Every weight matmul is quantized: qkv, proj, fc1, fc2 a block, the last block's q and kv
+    # apart (slices of its qkv weight, folded into weights before quantizing), and the head;
+    # attention itself is one Attention node, so no float MatMul is left.
+    counts = collections.Counter(node.op_type for node in proto.graph.node)
+    assert counts["MatMulInteger"] == 4 + 5 + 1 and counts["MatMul"] == 0
     fp32, int8 = export.OnnxRunner(exported, threads=1), export.OnnxRunner(int8_path, threads=1)
     assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing
     _, ckpt = load_model(smoke_model)
