@@ -48,7 +48,7 @@ class Attention(nn.Module):
             q, k, v = self.project_few_queries(x, num_queries)
         M = q.shape[1]  # output tokens: N, or num_queries
         # Per-head views: the strides of timm's reshape-permute-unbind. In ONNX a plain
-        # Split-Reshape-Transpose, which export.fold_head_reshapes folds into the Attention
+        # Split-Reshape-Transpose, which onnx_graph.fold_head_reshapes folds into the Attention
         # node (a 5-D permute would leave six Slice/Squeeze ops instead).
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         attn = None
