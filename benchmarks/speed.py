@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/speed.py --threads 1 --shapes digits
     .venv/bin/python benchmarks/speed.py --quick                       # tiny counts (tests)
 
-Four shapes, built from the presets with random weights and fed random images: the
-`digits` preset (16 px, patch 4, dim 128, depth 6, 4 heads, mlp 2, CCT conv tokenizer),
-`digits-patch` (the same with the paper's patch embedding), the `cifar10` preset (32 px,
-patch 4, dim 128, depth 4, 4 heads, mlp 2, CCT conv tokenizer) and `cifar10-vit` (32 px,
-patch 4, dim 192, depth 6, 3 heads, mlp 2: a plain ViT at CIFAR-10 size). With --model-path,
-the shape that matches the checkpoint uses its trained weights instead (or it is benchmarked as a shape of its own) and
+Four shapes, built from the presets with random weights and fed random images: the `digits`
+preset (16 px, patch 4, dim 128, depth 6, 4 heads, mlp 2, CCT conv tokenizer), `digits-patch`
+(the same with the paper's patch embedding), the `cifar10` preset (32 px, patch 4, dim 128,
+depth 4, 4 heads, mlp 2, CCT conv tokenizer) and `cifar10-vit` (32 px, patch 4, dim 192, depth
+6, 3 heads, mlp 2: a plain ViT at CIFAR-10 size). With --model-path, the shape that matches the
+checkpoint uses its trained weights instead (or it is benchmarked as a shape of its own) and
 the test-split accuracy of every inference variant is measured.
 
 - inference: PyTorch eager fp32, torch.compile, PyTorch dynamic int8, ONNX Runtime fp32

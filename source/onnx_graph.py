@@ -35,9 +35,11 @@ def fold_head_reshapes(graph) -> int:
         and t.name not in overridable
     }
     dims = {  # static dims the exporter recorded (None where symbolic, as the batch)
-        info.name: [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+        info.name: [
+            d.dim_value if d.HasField("dim_value") else None
+            for d in info.type.tensor_type.shape.dim
+        ]
         for info in [*graph.value_info, *graph.input]
-        if (shape := info.type.tensor_type.shape) is not None
     }
     outputs = {o.name for o in graph.output}
 
