@@ -1,5 +1,6 @@
-"""Which int8 format of ONNX Runtime is fastest on this CPU: dynamic (what export.py writes)
-against static (calibrated activations) and weight-only MatMulNBits, all in one run.
+"""Which int8 format of ONNX Runtime is fastest on this CPU: what export.py writes (dynamic
+int8 MatMuls, a conv tokenizer statically quantized), dynamic int8 MatMuls alone, static
+(calibrated activations) and weight-only MatMulNBits, all in one run.
 
     .venv/bin/python benchmarks/int8_formats.py                     # cifar10-vit and digits
     .venv/bin/python benchmarks/int8_formats.py --shapes digits --quick
@@ -90,7 +91,11 @@ def variants_for(
     the fp32 file's metadata)."""
     files = {
         "fp32": fp32,
-        "dynamic int8 (export.py)": export.quantize_int8(fp32, work / "dynamic.onnx", props),
+        "int8 (export.py)": export.quantize_int8(
+            fp32, work / "export.onnx", props, [np.stack(images)]
+        ),
+        # export.py without calibration images: a conv tokenizer stays fp32
+        "dynamic int8, MatMul only": export.quantize_int8(fp32, work / "dynamic.onnx", props),
     }
     static = [("QOperator", ["MatMul"]), ("QDQ", ["MatMul"])]
     if not quick:

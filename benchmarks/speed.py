@@ -224,8 +224,11 @@ def state_dict_bytes(model) -> int:
     return buffer.tell()
 
 
-def build_variants(model, cfg, ckpt: dict, workdir: Path, threads: int, quick: bool):
-    """name -> (runner, file size in bytes, note)."""
+def build_variants(
+    model, cfg, ckpt: dict, workdir: Path, threads: int, quick: bool, calibration: list
+):
+    """name -> (runner, file size in bytes, note). `calibration`: image batches for the
+    int8 model's statically quantized conv tokenizer, as export.py uses."""
     import torch
     from torch import nn
 
@@ -244,7 +247,7 @@ def build_variants(model, cfg, ckpt: dict, workdir: Path, threads: int, quick: b
 
     props = export.metadata_for(ckpt, "benchmark")
     fp32 = export.export_model(model, cfg.image_size, workdir / "model.onnx", props)
-    int8 = export.quantize_int8(fp32, workdir / "model.int8.onnx", props)
+    int8 = export.quantize_int8(fp32, workdir / "model.int8.onnx", props, calibration)
     fused_path, fused = export.optimize_transformers(
         fp32, workdir / "model.transformers.onnx", ckpt["config"], props
     )
@@ -261,12 +264,21 @@ def build_variants(model, cfg, ckpt: dict, workdir: Path, threads: int, quick: b
 
 
 def test_set(ckpt: dict, max_images: int):
-    """(images, labels) of the checkpoint's test split as arrays, eval transform applied."""
+    """(images, labels) of the checkpoint's test split as arrays, eval transform applied, the
+    data's name, and the calibration batches export.py quantizes with (training images)."""
     import export
 
-    loader, data = export.test_images(ckpt, None, max_images)
+    splits = export.load_data(ckpt, None)
+    loader, data = export.test_images(ckpt, None, max_images, splits)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in loader], strict=True)
-    return np.concatenate(xs), np.concatenate(ys), data
+    return np.concatenate(xs), np.concatenate(ys), data, export.calibration_batches(*splits)
+
+
+def random_calibration(cfg) -> list[np.ndarray]:
+    """Calibration for a random-weight shape: random images like those it is timed on."""
+    rng = np.random.default_rng(1)
+    shape = (64, 3, cfg.image_size, cfg.image_size)
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
 
 
 def batched_logits(runner, images: np.ndarray, batch: int) -> np.ndarray:
@@ -392,18 +404,17 @@ def bench_inference(variants: dict, cfg, counts: dict, test=None) -> dict:
 
 def training_closures(model, cfg, batch: int):
     """(step, forward) on a fixed random batch: the train.py recipe (label-smoothed
-    cross-entropy, gradient clipping, AdamW with decay on weight matrices only)."""
+    cross-entropy, gradient clipping, train.py's fused AdamW with decay on weight matrices
+    only)."""
     import torch
     import torch.nn.functional as F
 
-    from training import param_groups
+    from training import make_optimizer, param_groups
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)
     y = torch.randint(0, model.num_classes, (batch,), generator=gen)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
-    )
+    optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg, torch.device("cpu"))
     model.train()
 
     def loss_fn():
@@ -805,18 +816,18 @@ def main(argv=None) -> int:
     if ckpt is not None:
         ckpt_cfg = config_from_checkpoint(ckpt)
         try:
-            images, labels, data = test_set(ckpt, args.max_images)
+            images, labels, data, calibration = test_set(ckpt, args.max_images)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         test = (images, labels)
         trained = f"trained weights of {args.model_path}, accuracy on {len(labels)} test images "
         trained += f"of {data}"
-    jobs = []  # (section, cfg, model, metadata, test set, weights, time training?)
+    jobs = []  # (section, cfg, model, metadata, test set, calibration, weights, training?)
     for name in shapes:
         cfg = preset_config(name)
         if ckpt is not None and same_shape(ckpt_cfg, cfg):
-            jobs.append((name, ckpt_cfg, ckpt_model, ckpt, test, trained, True))
+            jobs.append((name, ckpt_cfg, ckpt_model, ckpt, test, calibration, trained, True))
             continue
         torch.manual_seed(0)
         model = build_model(cfg, NUM_CLASSES).eval()
@@ -826,17 +837,21 @@ def main(argv=None) -> int:
             "preprocessing": {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std},
         }
         mirrored = cfg.pool in ("cls", "mean") and cfg.pos_embed == "learn" and not cfg.teacher
-        jobs.append((name, cfg, model, meta, None, "random weights: no accuracy", mirrored))
+        random_weights = "random weights: no accuracy"
+        calib = random_calibration(cfg)
+        jobs.append((name, cfg, model, meta, None, calib, random_weights, mirrored))
     if ckpt is not None and not any(job[3] is ckpt for job in jobs):
         # A shape of its own: inference and accuracy only (timm mirrors the presets' shapes).
-        jobs.append(("checkpoint", ckpt_cfg, ckpt_model, ckpt, test, trained, False))
+        jobs.append(("checkpoint", ckpt_cfg, ckpt_model, ckpt, test, calibration, trained, False))
 
     results = {}
-    for name, cfg, model, meta, test, weights, train in jobs:
+    for name, cfg, model, meta, test, calibration, weights, train in jobs:
         print(f"{name}: {describe(cfg)}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                variants = build_variants(model, cfg, meta, Path(tmp), threads, args.quick)
+                variants = build_variants(
+                    model, cfg, meta, Path(tmp), threads, args.quick, calibration
+                )
             except OnnxError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

@@ -54,7 +54,7 @@ class ConvTokenizer(nn.Module):
         # oneDNN's 3x3 convolutions and pooling run fastest channels-last (NHWC): a third off
         # this stem's training time on CPU; the tokens then come out contiguous, no copy.
         x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+        return x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, N, D)
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:

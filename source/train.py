@@ -62,6 +62,7 @@ from training import (
     lr_scale_for_epoch,
     make_batch_mixer,
     make_ema,
+    make_optimizer,
     param_groups,
     setup_distributed,
     soft_cross_entropy,
@@ -188,13 +189,7 @@ def run(argv=None) -> int:
         if cfg.arch == "vit"
         else param_groups(model, cfg.weight_decay)
     )
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        # One fused kernel for all parameters: CUDA, and CPU too (3% of a small model's step).
-        fused=device.type in ("cuda", "cpu"),
-    )
+    optimizer = make_optimizer(groups, cfg, device)
     ema = make_ema(model, cfg.ema_decay)
     train_model = model
     if world > 1:

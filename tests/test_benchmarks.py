@@ -69,7 +69,8 @@ def test_int8_formats_benchmark_quick_compares_every_format(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["digits"]["rows"]
     assert list(rows) == [
         "fp32",
-        "dynamic int8 (export.py)",
+        "int8 (export.py)",
+        "dynamic int8, MatMul only",
         "static int8 QOperator, MatMul",
         "static int8 QDQ, MatMul",
         "MatMulNBits 8-bit, block 32, int8 compute",

@@ -128,6 +128,55 @@ def test_int8_model_is_smaller_and_agrees_with_fp32(exported, smoke_model):
     assert 0 < np.abs(a - b).max() < 1.0  # quantized: close, not identical
 
 
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    """The op types of the graph ONNX Runtime runs after its optimizations at load."""
+    options = export.OnnxRunner.session_options(1)
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    return collections.Counter(node.op_type for node in graph.node)
+
+
+@pytest.mark.slow
+def test_int8_conv_tokenizer_runs_in_uint8(exported, smoke_model, tmp_path):
+    """The CCT stem is statically quantized on training images (QDQ), so ONNX Runtime runs
+    both of its convolutions and max-pools in uint8; nothing of it is left in fp32."""
+    int8_path = exported.with_name("smoke.int8.onnx")
+    saved = onnx.load(int8_path).graph
+    producer = {out: node.op_type for node in saved.node for out in node.output}
+    convs = [node for node in saved.node if node.op_type == "Conv"]
+    assert len(convs) == 2
+    assert all(producer.get(node.input[0]) == "DequantizeLinear" for node in convs)
+    scheme = export.OnnxRunner(int8_path, threads=1).metadata["quantization"]
+    assert "static uint8 conv tokenizer (QDQ, 256 images)" in scheme
+    ops = optimized_ops(int8_path, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["NhwcMaxPool"] == 2
+    assert ops["Conv"] == ops["MaxPool"] == ops["ConvInteger"] == 0
+
+
+@pytest.mark.slow
+def test_int8_without_calibration_keeps_the_tokenizer_fp32(exported, tmp_path):
+    runner = export.OnnxRunner(exported, threads=1)
+    path = export.quantize_int8(exported, tmp_path / "dynamic.onnx", runner.metadata)
+    ops = optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 0 and ops["Conv"] == 2
+    assert ops["DynamicQuantizeMatMul"] == 4 + 5 + 1
+    assert "conv tokenizer" not in export.OnnxRunner(path, threads=1).metadata["quantization"]
+
+
+def test_calibration_uses_training_images_spread_over_the_split(smoke_model):
+    _, ckpt = load_model(smoke_model)
+    splits, cfg = export.load_data(ckpt, None)
+    batches = export.calibration_batches(splits, cfg, count=10)
+    images = np.concatenate(batches)
+    assert images.shape == (10, 3, 16, 16)
+    step = len(splits.train) // 10
+    for i in (0, 3, 9):  # every step-th training image, eval transform (no augmentation)
+        np.testing.assert_array_equal(images[i], splits.train[i * step][0].numpy())
+    labels = {splits.train.targets[i * step] for i in range(10)}
+    assert len(labels) >= 5  # spread over classes, not the first few
+
+
 @pytest.mark.slow
 def test_files_and_verification_logged_to_the_run(exported, runs_dir):
     run = runs_dir / "train-run"
