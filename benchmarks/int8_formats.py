@@ -2,7 +2,7 @@
 int8 MatMuls, a conv tokenizer statically quantized), dynamic int8 MatMuls alone, static
 (calibrated activations) and weight-only MatMulNBits, all in one run.
 
-    .venv/bin/python benchmarks/int8_formats.py                     # cifar10-vit and digits
+    .venv/bin/python benchmarks/int8_formats.py                     # digits, cifar10, cifar10-vit
     .venv/bin/python benchmarks/int8_formats.py --shapes digits --quick
 
 Each shape of benchmarks/speed.py is built with random weights (seed 0), exported with
@@ -183,7 +183,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", default="cifar10-vit,digits", help="speed.py's shape names")
+    parser.add_argument(
+        "--shapes", default="digits,cifar10,cifar10-vit", help="speed.py's shape names"
+    )
     parser.add_argument("--quick", action="store_true", help="few formats and timings (tests)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "metadata" / "results" / "int8-formats.md"

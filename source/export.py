@@ -286,7 +286,7 @@ def quantize_int8(
 def quantize_stem(src: Path, out: Path, calibration: list) -> None:
     """Static int8 for the conv tokenizer only: per-channel int8 weights, uint8 activations
     whose ranges (min-max) come from the calibration batches; the first MatMul reads fp32
-    again. On the digits and cifar10 presets this takes int8 from 0.65-0.72x to under 0.6x
+    again. On the digits and cifar10 presets this takes int8 from 0.63-0.72x to 0.56-0.58x
     of fp32's batch-1 latency (README, Speed)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
