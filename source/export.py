@@ -254,9 +254,7 @@ def quantize_int8(
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    config = json.loads(props.get("config", "{}"))
-    conv_stem = config.get("arch", "vit") == "vit" and config.get("tokenizer") == "conv"
-    static_stem = conv_stem and bool(calibration)
+    static_stem = has_conv_tokenizer(json.loads(props.get("config", "{}"))) and bool(calibration)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         folded, stem, raw = (Path(tmp) / f"{n}.onnx" for n in ("folded", "stem", "int8"))
@@ -281,6 +279,11 @@ def quantize_int8(
     set_metadata(proto, {**props, "quantization": scheme})
     atomic_write_onnx(proto, out)
     return out
+
+
+def has_conv_tokenizer(config: dict) -> bool:
+    """A ViT with the CCT conv stem: the part of an int8 model quantized statically."""
+    return config.get("arch", "vit") == "vit" and config.get("tokenizer") == "conv"
 
 
 def quantize_stem(src: Path, out: Path, calibration: list) -> None:
@@ -524,7 +527,9 @@ def main(argv=None) -> int:
     try:
         splits = load_data(ckpt, args.data)
         loader, data = test_images(ckpt, args.data, args.max_images, splits)
-        calibration = calibration_batches(*splits) if int8_out is not None else None
+        calibration = None
+        if int8_out is not None and has_conv_tokenizer(ckpt["config"]):
+            calibration = calibration_batches(*splits)
     except P.DataError as err:
         print(f"error: cannot load verification images: {err}", file=sys.stderr)
         return 2

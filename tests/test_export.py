@@ -155,9 +155,19 @@ def test_int8_conv_tokenizer_runs_in_uint8(exported, smoke_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_without_calibration_keeps_the_tokenizer_fp32(exported, tmp_path):
-    runner = export.OnnxRunner(exported, threads=1)
-    path = export.quantize_int8(exported, tmp_path / "dynamic.onnx", runner.metadata)
+@pytest.mark.parametrize("case", ["no calibration", "patch tokenizer"])
+def test_int8_keeps_the_tokenizer_fp32_without_calibration_or_conv_stem(
+    exported, smoke_model, tmp_path, case
+):
+    """Only a conv tokenizer with calibration images is quantized statically; a patch
+    tokenizer's one strided conv stays fp32 (no faster in int8)."""
+    props = dict(export.OnnxRunner(exported, threads=1).metadata)
+    calibration = None
+    if case == "patch tokenizer":
+        props["config"] = json.dumps({**json.loads(props["config"]), "tokenizer": "patch"})
+        _, ckpt = load_model(smoke_model)
+        calibration = export.calibration_batches(*export.load_data(ckpt, None), count=16)
+    path = export.quantize_int8(exported, tmp_path / "dynamic.onnx", props, calibration)
     ops = optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] == 0 and ops["Conv"] == 2
     assert ops["DynamicQuantizeMatMul"] == 4 + 5 + 1
