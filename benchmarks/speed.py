@@ -265,13 +265,17 @@ def build_variants(
 
 def test_set(ckpt: dict, max_images: int):
     """(images, labels) of the checkpoint's test split as arrays, eval transform applied, the
-    data's name, and the calibration batches export.py quantizes with (training images)."""
+    data's name, and the calibration batches export.py quantizes a conv tokenizer with
+    (training images; None for other models)."""
     import export
 
     splits = export.load_data(ckpt, None)
     loader, data = export.test_images(ckpt, None, max_images, splits)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in loader], strict=True)
-    return np.concatenate(xs), np.concatenate(ys), data, export.calibration_batches(*splits)
+    calibration = None
+    if export.has_conv_tokenizer(ckpt["config"]):
+        calibration = export.calibration_batches(*splits)
+    return np.concatenate(xs), np.concatenate(ys), data, calibration
 
 
 def random_calibration(cfg) -> list[np.ndarray]:

@@ -306,6 +306,8 @@ def quantize_stem(src: Path, out: Path, calibration: list) -> None:
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: np.asarray(batch, np.float32)}
 
+    # The calibration session is the quantizer's own, on every core (it takes no thread
+    # count); it runs once, over the calibration images only.
     quantize_static(
         src,
         out,
@@ -385,16 +387,16 @@ def test_images(ckpt: dict, data: str | None, max_images: int, splits=None):
 
 
 def calibration_batches(splits, cfg, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
-    """Up to `count` training images, evenly spaced through the split (so every class, also
-    in a folder tree sorted by class), eval transform, as batches of arrays: what static
-    quantization measures activation ranges on. Never test images."""
+    """Up to `count` training images, evenly spaced from the first to the last of the split
+    (so every class, also in a folder tree sorted by class), eval transform, as batches of
+    arrays: what static quantization measures activation ranges on. Never test images."""
     import torch
 
     import preprocessing as P
 
     train = splits.train
-    step = max(1, len(train) // count)
-    subset = torch.utils.data.Subset(train, range(0, len(train), step)[:count])
+    picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
+    subset = torch.utils.data.Subset(train, picks.tolist())
     return [x.numpy() for x, _ in P.make_loader(subset, cfg, train=False)]
 
 

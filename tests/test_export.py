@@ -155,7 +155,7 @@ def test_int8_conv_tokenizer_runs_in_uint8(exported, smoke_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["no calibration", "patch tokenizer"])
+@pytest.mark.parametrize("case", ["no calibration", "patch tokenizer in the config"])
 def test_int8_keeps_the_tokenizer_fp32_without_calibration_or_conv_stem(
     exported, smoke_model, tmp_path, case
 ):
@@ -163,7 +163,7 @@ def test_int8_keeps_the_tokenizer_fp32_without_calibration_or_conv_stem(
     tokenizer's one strided conv stays fp32 (no faster in int8)."""
     props = dict(export.OnnxRunner(exported, threads=1).metadata)
     calibration = None
-    if case == "patch tokenizer":
+    if case == "patch tokenizer in the config":
         props["config"] = json.dumps({**json.loads(props["config"]), "tokenizer": "patch"})
         _, ckpt = load_model(smoke_model)
         calibration = export.calibration_batches(*export.load_data(ckpt, None), count=16)
@@ -177,14 +177,17 @@ def test_int8_keeps_the_tokenizer_fp32_without_calibration_or_conv_stem(
 def test_calibration_uses_training_images_spread_over_the_split(smoke_model):
     _, ckpt = load_model(smoke_model)
     splits, cfg = export.load_data(ckpt, None)
-    batches = export.calibration_batches(splits, cfg, count=10)
-    images = np.concatenate(batches)
-    assert images.shape == (10, 3, 16, 16)
-    step = len(splits.train) // 10
-    for i in (0, 3, 9):  # every step-th training image, eval transform (no augmentation)
-        np.testing.assert_array_equal(images[i], splits.train[i * step][0].numpy())
-    labels = {splits.train.targets[i * step] for i in range(10)}
-    assert len(labels) >= 5  # spread over classes, not the first few
+    n = len(splits.train)
+    count = n // 3 + 1  # no divisor of n: a fixed stride would stop short of the end
+    images = np.concatenate(export.calibration_batches(splits, cfg, count=count))
+    assert images.shape == (count, 3, 16, 16)
+    # The first and the last training image, and evenly spaced ones between (eval transform:
+    # no augmentation), so a split sorted by class has every class in it.
+    np.testing.assert_array_equal(images[0], splits.train[0][0].numpy())
+    np.testing.assert_array_equal(images[-1], splits.train[n - 1][0].numpy())
+    middle = round((count // 2) * (n - 1) / (count - 1))
+    np.testing.assert_array_equal(images[count // 2], splits.train[middle][0].numpy())
+    assert len(np.concatenate(export.calibration_batches(splits, cfg, count=10 * n))) == n
 
 
 @pytest.mark.slow
