@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "source"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import export  # noqa: E402
+import quantize  # noqa: E402
 import speed  # noqa: E402
 
 NUM_CLASSES = 10
@@ -91,11 +92,11 @@ def variants_for(
     the fp32 file's metadata)."""
     files = {
         "fp32": fp32,
-        "int8 (export.py)": export.quantize_int8(
+        "int8 (export.py)": quantize.quantize_int8(
             fp32, work / "export.onnx", props, [np.stack(images)]
         ),
         # export.py without calibration images: a conv tokenizer stays fp32
-        "dynamic int8, MatMul only": export.quantize_int8(fp32, work / "dynamic.onnx", props),
+        "dynamic int8, MatMul only": quantize.quantize_int8(fp32, work / "dynamic.onnx", props),
     }
     static = [("QOperator", ["MatMul"]), ("QDQ", ["MatMul"])]
     if not quick:

@@ -233,6 +233,7 @@ def build_variants(
     from torch import nn
 
     import export
+    import quantize
 
     variants = {"PyTorch eager fp32": (TorchVariant(model), state_dict_bytes(model), "")}
     if quick:
@@ -247,7 +248,7 @@ def build_variants(
 
     props = export.metadata_for(ckpt, "benchmark")
     fp32 = export.export_model(model, cfg.image_size, workdir / "model.onnx", props)
-    int8 = export.quantize_int8(fp32, workdir / "model.int8.onnx", props, calibration)
+    int8 = quantize.quantize_int8(fp32, workdir / "model.int8.onnx", props, calibration)
     fused_path, fused = export.optimize_transformers(
         fp32, workdir / "model.transformers.onnx", ckpt["config"], props
     )
@@ -268,13 +269,14 @@ def test_set(ckpt: dict, max_images: int):
     data's name, and the calibration batches export.py quantizes a conv tokenizer with
     (training images; None for other models)."""
     import export
+    import quantize
 
     splits = export.load_data(ckpt, None)
     loader, data = export.test_images(ckpt, None, max_images, splits)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in loader], strict=True)
     calibration = None
-    if export.has_conv_tokenizer(ckpt["config"]):
-        calibration = export.calibration_batches(*splits)
+    if quantize.has_conv_tokenizer(ckpt["config"]):
+        calibration = quantize.calibration_batches(*splits)
     return np.concatenate(xs), np.concatenate(ys), data, calibration
 
 

@@ -21,7 +21,7 @@ which ONNX Runtime fuses with its bias Add when it loads the file. `--graph-opti
 transformers` bakes in `onnxruntime.transformers.optimizer`'s fusions instead (ONNX Runtime
 only), which add nothing to this graph: its shape inference does not know opset 23's
 Attention, so it skips its SkipLayerNormalization fusion (README, Speed).
-int8 is dynamic quantization of every MatMul weight
+int8 (`source/quantize.py`) is dynamic quantization of every MatMul weight
 (`onnxruntime.quantization.quantize_dynamic`), activations quantized per batch at run time;
 a CCT conv tokenizer is quantized statically (`quantize_static`, uint8 activations whose
 ranges come from 256 training images), so it runs in int8 too.
@@ -56,8 +56,6 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # node (opset 20), which ONNX Runtime fuses with its bias Add into BiasGelu; opset 18's
 # Div-Erf-Add-Mul-Mul decomposition matched none of its GELU patterns.
 OPSET = 23
-# Training images that calibrate the statically quantized conv tokenizer of an int8 model.
-CALIBRATION_IMAGES = 256
 
 
 class OnnxError(RuntimeError):
@@ -240,86 +238,6 @@ def export_model(model, image_size: int, out: Path, props: dict[str, str]) -> Pa
     return out
 
 
-def quantize_int8(
-    fp32_path: Path, out: Path, props: dict[str, str], calibration: list | None = None
-) -> Path:
-    """int8 weights for every MatMul, dynamic quantization: activations are quantized per
-    batch at run time. With `calibration` (batches of preprocessed images) a CCT conv
-    tokenizer runs in int8 too, statically quantized: its Conv-ReLU-MaxPool stages in uint8,
-    activation ranges from those images (QDQ format, which ONNX Runtime runs as QLinearConv
-    and uint8 MaxPool). Without them its convolutions stay fp32; dynamic quantization of a
-    Conv (ConvInteger) is slower than fp32 here, and so is static quantization of the
-    patch tokenizer's one strided conv (README, Speed)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    static_stem = has_conv_tokenizer(json.loads(props.get("config", "{}"))) and bool(calibration)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        folded, stem, raw = (Path(tmp) / f"{n}.onnx" for n in ("folded", "stem", "int8"))
-        with quiet_logging():
-            # The quantizer's pre-processing folds constants first (ONNX Runtime's basic
-            # optimizations): the last block's q and kv weights, slices of the qkv weight,
-            # become weights of their own that it quantizes too. Its symbolic shape inference
-            # does not know opset 23's Attention, and the quantizer needs no shapes.
-            quant_pre_process(fp32_path, folded, skip_symbolic_shape=True)
-            if static_stem:
-                quantize_stem(folded, stem, calibration)
-            quantize_dynamic(
-                stem if static_stem else folded,
-                raw,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul"],
-            )
-        proto = onnx.load(raw)
-    scheme = "dynamic int8 (MatMul weights, QInt8)"
-    if static_stem:
-        scheme += f"; static uint8 conv tokenizer (QDQ, {sum(map(len, calibration))} images)"
-    set_metadata(proto, {**props, "quantization": scheme})
-    atomic_write_onnx(proto, out)
-    return out
-
-
-def has_conv_tokenizer(config: dict) -> bool:
-    """A ViT with the CCT conv stem: the part of an int8 model quantized statically."""
-    return config.get("arch", "vit") == "vit" and config.get("tokenizer") == "conv"
-
-
-def quantize_stem(src: Path, out: Path, calibration: list) -> None:
-    """Static int8 for the conv tokenizer only: per-channel int8 weights, uint8 activations
-    whose ranges (min-max) come from the calibration batches; the first MatMul reads fp32
-    again. On the digits and cifar10 presets this takes int8 from 0.63-0.72x to 0.56-0.58x
-    of fp32's batch-1 latency (README, Speed)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: np.asarray(batch, np.float32)}
-
-    # The calibration session is the quantizer's own, on every core (it takes no thread
-    # count); it runs once, over the calibration images only.
-    quantize_static(
-        src,
-        out,
-        Batches(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv", "Relu", "MaxPool"],
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-
-
 def optimize_transformers(fp32_path: Path, out: Path, cfg: dict, props: dict[str, str]):
     """onnxruntime.transformers.optimizer (model_type vit) on an exported file; returns the
     path and the fusions it made. The result may use ONNX Runtime's contrib operators, so it
@@ -384,20 +302,6 @@ def test_images(ckpt: dict, data: str | None, max_images: int, splits=None):
     if max_images and len(dataset) > max_images:
         dataset = torch.utils.data.Subset(dataset, range(max_images))
     return P.make_loader(dataset, cfg, train=False), str(cfg.data)
-
-
-def calibration_batches(splits, cfg, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
-    """Up to `count` training images, evenly spaced from the first to the last of the split
-    (so every class, also in a folder tree sorted by class), eval transform, as batches of
-    arrays: what static quantization measures activation ranges on. Never test images."""
-    import torch
-
-    import preprocessing as P
-
-    train = splits.train
-    picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
-    subset = torch.utils.data.Subset(train, picks.tolist())
-    return [x.numpy() for x, _ in P.make_loader(subset, cfg, train=False)]
 
 
 def compare(model, runners: dict[str, OnnxRunner], loader) -> dict[str, dict]:
@@ -516,6 +420,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     import preprocessing as P
+    import quantize as Q
     from checkpoint import CheckpointError, load_model
     from runtime import default_threads, set_torch_threads
 
@@ -530,8 +435,8 @@ def main(argv=None) -> int:
         splits = load_data(ckpt, args.data)
         loader, data = test_images(ckpt, args.data, args.max_images, splits)
         calibration = None
-        if int8_out is not None and has_conv_tokenizer(ckpt["config"]):
-            calibration = calibration_batches(*splits)
+        if int8_out is not None and Q.has_conv_tokenizer(ckpt["config"]):
+            calibration = Q.calibration_batches(*splits)
     except P.DataError as err:
         print(f"error: cannot load verification images: {err}", file=sys.stderr)
         return 2
@@ -542,7 +447,7 @@ def main(argv=None) -> int:
     try:
         written.append(export_model(model, ckpt["preprocessing"]["image_size"], out, props))
         if int8_out is not None:  # from the standard graph: the quantizer cannot type contrib ops
-            written.append(quantize_int8(out, int8_out, props, calibration))
+            written.append(Q.quantize_int8(out, int8_out, props, calibration))
         if args.graph_optimizer == "transformers":
             _, fused = optimize_transformers(out, out, ckpt["config"], props)
             print(f"onnxruntime.transformers.optimizer fused: {fused or 'nothing'}")

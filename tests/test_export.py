@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import export
+import quantize
 import tracking
 from checkpoint import load_model
 
@@ -166,8 +167,8 @@ def test_int8_keeps_the_tokenizer_fp32_without_calibration_or_conv_stem(
     if case == "patch tokenizer in the config":
         props["config"] = json.dumps({**json.loads(props["config"]), "tokenizer": "patch"})
         _, ckpt = load_model(smoke_model)
-        calibration = export.calibration_batches(*export.load_data(ckpt, None), count=16)
-    path = export.quantize_int8(exported, tmp_path / "dynamic.onnx", props, calibration)
+        calibration = quantize.calibration_batches(*export.load_data(ckpt, None), count=16)
+    path = quantize.quantize_int8(exported, tmp_path / "dynamic.onnx", props, calibration)
     ops = optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] == 0 and ops["Conv"] == 2
     assert ops["DynamicQuantizeMatMul"] == 4 + 5 + 1
@@ -179,7 +180,7 @@ def test_calibration_uses_training_images_spread_over_the_split(smoke_model):
     splits, cfg = export.load_data(ckpt, None)
     n = len(splits.train)
     count = n // 3 + 1  # no divisor of n: a fixed stride would stop short of the end
-    images = np.concatenate(export.calibration_batches(splits, cfg, count=count))
+    images = np.concatenate(quantize.calibration_batches(splits, cfg, count=count))
     assert images.shape == (count, 3, 16, 16)
     # The first and the last training image, and evenly spaced ones between (eval transform:
     # no augmentation), so a split sorted by class has every class in it.
@@ -187,7 +188,7 @@ def test_calibration_uses_training_images_spread_over_the_split(smoke_model):
     np.testing.assert_array_equal(images[-1], splits.train[n - 1][0].numpy())
     middle = round((count // 2) * (n - 1) / (count - 1))
     np.testing.assert_array_equal(images[count // 2], splits.train[middle][0].numpy())
-    assert len(np.concatenate(export.calibration_batches(splits, cfg, count=10 * n))) == n
+    assert len(np.concatenate(quantize.calibration_batches(splits, cfg, count=10 * n))) == n
 
 
 @pytest.mark.slow
