@@ -37,28 +37,13 @@ CALIBRATION_IMAGES = 16
 
 def static_int8(fp32: Path, out: Path, images: list[np.ndarray], fmt: str, ops: list[str]):
     """quantize_static: weights QInt8, activations QUInt8 calibrated (min-max) on `images`."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    name = ort.InferenceSession(str(fp32)).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{name: image[None]} for image in images])
-
-        def get_next(self):
-            return next(self.batches, None)
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     with export.quiet_logging():
         quantize_static(
             fp32,
             out,
-            Reader(),
+            quantize.calibration_reader([image[None] for image in images]),
             quant_format=QuantFormat.QDQ if fmt == "QDQ" else QuantFormat.QOperator,
             op_types_to_quantize=ops,
             activation_type=QuantType.QUInt8,

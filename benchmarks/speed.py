@@ -272,7 +272,7 @@ def test_set(ckpt: dict, max_images: int):
     import quantize
 
     splits = export.load_data(ckpt, None)
-    loader, data = export.test_images(ckpt, None, max_images, splits)
+    loader, data = export.test_images(*splits, max_images)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in loader], strict=True)
     calibration = None
     if quantize.has_conv_tokenizer(ckpt["config"]):

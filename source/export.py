@@ -289,15 +289,13 @@ def load_data(ckpt: dict, data: str | None):
     return splits, cfg
 
 
-def test_images(ckpt: dict, data: str | None, max_images: int, splits=None):
-    """A loader over the test split (the checkpoint's data or `data`), with the checkpoint's
-    eval transform, and the data's name; raises preprocessing.DataError when it cannot be
-    used."""
+def test_images(splits, cfg, max_images: int):
+    """A loader over the test split of `load_data`'s (splits, config), at most `max_images`
+    images (0 = all), and the data's name."""
     import torch
 
     import preprocessing as P
 
-    splits, cfg = splits or load_data(ckpt, data)
     dataset = splits.test
     if max_images and len(dataset) > max_images:
         dataset = torch.utils.data.Subset(dataset, range(max_images))
@@ -433,7 +431,7 @@ def main(argv=None) -> int:
     int8_out = out.with_name(out.stem + ".int8.onnx") if args.quantize == "int8" else None
     try:
         splits = load_data(ckpt, args.data)
-        loader, data = test_images(ckpt, args.data, args.max_images, splits)
+        loader, data = test_images(*splits, args.max_images)
         calibration = None
         if int8_out is not None and Q.has_conv_tokenizer(ckpt["config"]):
             calibration = Q.calibration_batches(*splits)

@@ -72,33 +72,35 @@ def quantize_stem(src: Path, out: Path, calibration: list) -> None:
     whose ranges (min-max) come from the calibration batches; the first MatMul reads fp32
     again. On the digits and cifar10 presets this takes int8 from 0.63-0.72x to 0.56-0.58x
     of fp32's batch-1 latency (README, Speed)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration)
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {export.INPUT_NAME: np.asarray(batch, np.float32)}
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     # The calibration session is the quantizer's own, on every core (it takes no thread
     # count); it runs once, over the calibration images only.
     quantize_static(
         src,
         out,
-        Batches(),
+        calibration_reader(calibration),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv", "Relu", "MaxPool"],
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
+
+
+def calibration_reader(batches: list, input_name: str = export.INPUT_NAME):
+    """onnxruntime's CalibrationDataReader over image batches: {input_name: batch} each."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: np.asarray(batch, np.float32)}
+
+    return Batches()
 
 
 def calibration_batches(splits, cfg, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:

@@ -121,7 +121,7 @@ def test_int8_model_is_smaller_and_agrees_with_fp32(exported, smoke_model):
     fp32, int8 = export.OnnxRunner(exported, threads=1), export.OnnxRunner(int8_path, threads=1)
     assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing
     _, ckpt = load_model(smoke_model)
-    loader, _ = export.test_images(ckpt, None, max_images=64)
+    loader, _ = export.test_images(*export.load_data(ckpt, None), max_images=64)
     images = np.concatenate([x.numpy() for x, _ in loader])
     a, b = fp32.logits(images), int8.logits(images)
     assert len(images) == 64
