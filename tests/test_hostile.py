@@ -194,11 +194,11 @@ def test_every_bad_checkpoint_differs_from_the_original(checkpoint):
 
 
 def test_deflate_bomb_checkpoint_is_small_on_disk(checkpoint, tmp_path):
-    path = hostile.deflate_bomb_checkpoint(checkpoint, tmp_path / "bomb.pth", mebibytes=256)
+    path = hostile.deflate_bomb_checkpoint(checkpoint, tmp_path / "bomb.pth", mebibytes=64)
     with zipfile.ZipFile(path) as archive:
         inflated = sum(info.file_size for info in archive.infolist())
-    assert path.stat().st_size < 400_000
-    assert inflated >= 256 * 1024**2
+    assert inflated > 200 * path.stat().st_size  # what a loader can check before inflating
+    assert inflated >= 64 * 1024**2
 
 
 def test_bad_manifests_hold_their_problem(tmp_path):
@@ -300,7 +300,8 @@ def test_huge_image_costs_bounded_memory(huge, checkpoint_path, name):
     if name not in huge:
         pytest.skip(f"{name}: codec not in this Pillow")
     path, _ = huge[name]
-    out = run_child(DECODE_CHILD.format(model=str(checkpoint_path), path=str(path)))
+    code = DECODE_CHILD.format(model=str(checkpoint_path), path=str(path))
+    out = run_child(code, limit_bytes=CHILD_MEMORY_LIMIT)
     print(name, out)
     assert "crash" not in out, out
     assert not out["predict"].startswith("raised"), out
@@ -314,7 +315,8 @@ def test_predictor_keeps_good_files_beside_broken_ones(broken, checkpoint_path, 
     good = [tmp_path / "a.png", tmp_path / "b.jpg"]
     Image.new("RGB", (20, 20), (200, 10, 10)).save(good[0])
     Image.new("RGB", (30, 20), (10, 200, 10)).save(good[1])
-    bad = [path for path, _ in broken.values()]
+    # A folder given as input is expanded to its (no) files, by design: not a bad file.
+    bad = [path for name, (path, _) in broken.items() if name != "directory_named_jpg"]
     predictor = Predictor(checkpoint_path, device="cpu")
     results = predictor.predict([good[0], *bad, good[1]])
     assert [r.source for r in results] == [str(p) for p in [good[0], *bad, good[1]]]
