@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--permutations", type=int, default=1000, help="permutations of the embedding MMD test")
     add("--psi-threshold", type=float, default=0.0, help="PSI above this is drift (0: report only)")
     add("--seed", type=int, default=0, help="seed of the resampling")
-    add("--out", default="metadata/results/monitor", help="report folder (and history.jsonl)")
+    add("--out", default="metadata/results/monitor", help="report folder")
     add("--batch-size", type=int, default=256, help="images per batch")
     add("--num-workers", type=int, default=0, help="data loader worker processes")
     add("--device", default="auto", help="auto | cpu | cuda | mps")
