@@ -4,9 +4,10 @@
     python source/attention_viz.py --image x.png --model-path m.pth --head-fusion max \\
         --discard-ratio 0.9
 
-Writes a figure: the image the model saw, the rollout heatmap over it, each layer's own
-attention, and the top-5 predictions in the title. The app and the Predictor call
-`attention_map` and `overlay`; `test.py` calls `explain` and `save_figure`.
+Writes a figure: the image the model saw, the rollout heatmap over it with a colour bar,
+each layer's own attention, and the top-5 predictions in the title (--alpha: the heatmap's
+opacity). The app and the Predictor call `attention_map` and `overlay(image, heatmap,
+alpha=...)` (OpenCV: resize, colour map, blend); `test.py` calls `explain` and `save_figure`.
 
 Rollout: per layer, fuse the heads (mean, max or min), optionally zero the weakest
 attentions, add the identity for the residual path, renormalise the rows, and multiply
@@ -22,14 +23,25 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
+
 HEAD_FUSIONS = ("mean", "max", "min")
 DISPLAY_MAX = 768  # pixels: explain() shows larger images shrunk to this side
 FIGURE_SIDE = 224  # pixels: small images (16 px digits) are enlarged to this for display
+# Overlay colour maps: name -> OpenCV's (cv2.applyColorMap), besides "gray".
+COLORMAPS = {
+    "jet": cv2.COLORMAP_JET,
+    "turbo": cv2.COLORMAP_TURBO,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "inferno": cv2.COLORMAP_INFERNO,
+    "hot": cv2.COLORMAP_HOT,
+}
 
 
 def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
@@ -185,6 +197,24 @@ def center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def colormap_table(cmap: str = "jet") -> np.ndarray:
+    """(256, 3) uint8 RGB: OpenCV's colour for each heat level 0..255 ("gray": the level)."""
+    levels = np.arange(256, dtype=np.uint8)[:, None]  # (256, 1): one pixel per level
+    if cmap == "gray":
+        return np.repeat(levels, 3, axis=1)
+    if cmap not in COLORMAPS:
+        raise ValueError(f"cmap {cmap!r} is not one of {', '.join(['gray', *COLORMAPS])}")
+    bgr = cv2.applyColorMap(levels, COLORMAPS[cmap])  # (256, 1, 3), OpenCV's BGR order
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)[:, 0]
+
+
+def _resize(heat: np.ndarray, width: int, height: int) -> np.ndarray:
+    # Bilinear when enlarging (the patch grid to pixels), area averaging when shrinking.
+    shrink = width < heat.shape[1] or height < heat.shape[0]
+    mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(heat, (width, height), interpolation=mode)
+
+
 def overlay(
     image: Image.Image,
     heatmap: np.ndarray,
@@ -192,26 +222,37 @@ def overlay(
     cmap: str = "jet",
     center_crop: bool = True,
 ) -> Image.Image:
-    """The heatmap (any size, values in [0, 1]) resized to the image, coloured with `cmap`
-    and blended over it (alpha = the heatmap's weight). With center_crop (the default) the
-    heatmap covers the image's central square, the region the model saw through
-    eval_transform; the rest, unseen, gets the colormap's zero. Square images are the same
-    either way."""
-    from matplotlib import colormaps
+    """The heatmap (any size, values in [0, 1]) over the image, as OpenCV does it: resized
+    to the image (cv2.resize), coloured (cv2.applyColorMap with `cmap`; "gray" keeps the
+    level) and blended (cv2.addWeighted: alpha x colour + (1 - alpha) x image, rounded).
+    `alpha` is the opacity of the heatmap, 0 (the image alone) to 1 (the heatmap alone).
 
-    image = image.convert("RGB")
+    With center_crop (the default) the heatmap covers the image's central square, the region
+    the model saw through eval_transform; the rest, unseen, gets the colour map's zero.
+    Square images are the same either way."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the overlay's opacity) must be in [0, 1]; got {alpha}")
+    pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    height, width = pixels.shape[:2]
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    if center_crop and image.width != image.height:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        square = np.asarray(Image.fromarray(heat).resize((side, side), Image.BILINEAR))
-        full = np.zeros((image.height, image.width), dtype=np.float32)
-        full[top : top + side, left : left + side] = square
+    if center_crop and width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        full = np.zeros((height, width), dtype=np.float32)
+        full[top : top + side, left : left + side] = _resize(heat, side, side)
     else:
-        full = np.asarray(Image.fromarray(heat).resize(image.size, Image.BILINEAR))
-    colour = colormaps[cmap](np.clip(full, 0.0, 1.0))[..., :3] * 255.0  # (H, W, 3)
-    blended = (1.0 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colour
-    return Image.fromarray(np.clip(blended.round(), 0, 255).astype(np.uint8))
+        full = _resize(heat, width, height)
+    levels = np.rint(np.clip(full, 0.0, 1.0) * 255).astype(np.uint8)  # (H, W)
+    colour = colormap_table(cmap)[levels]  # (H, W, 3) RGB
+    blended = cv2.addWeighted(colour, alpha, np.ascontiguousarray(pixels), 1.0 - alpha, 0.0)
+    return Image.fromarray(blended)
+
+
+def matplotlib_colormap(cmap: str = "jet"):
+    """The overlay's colour map as a matplotlib one, for colour bars that match it exactly."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormap_table(cmap) / 255.0, name=f"opencv-{cmap}")
 
 
 @dataclass
@@ -221,6 +262,7 @@ class Explanation:
     overlay: Image.Image  # heatmap over `image`
     layer_maps: np.ndarray  # (L, gh, gw) each layer's own attention, max 1
     top: list  # [(class name, probability)], best first
+    cmap: str = "jet"  # the overlay's colour map (the figure's colour bar shows it)
 
 
 def explain(
@@ -233,6 +275,7 @@ def explain(
     discard_ratio: float = 0.0,
     topk: int = 5,
     alpha: float = 0.5,
+    cmap: str = "jet",
 ) -> Explanation:
     """Everything the figure shows for one RGB image, preprocessed as at evaluation
     (`preprocessing` is the checkpoint's {"image_size", "mean", "std"})."""
@@ -256,9 +299,10 @@ def explain(
     return Explanation(
         image=shown,
         heatmap=heatmap,
-        overlay=overlay(shown, heatmap, alpha),
+        overlay=overlay(shown, heatmap, alpha, cmap),
         layer_maps=layers.reshape(-1, gh, gw).cpu().numpy(),
         top=[(str(classes[i]), float(v)) for v, i in zip(values, indices, strict=True)],
+        cmap=cmap,
     )
 
 
@@ -270,13 +314,19 @@ def _enlarge(image: Image.Image, side: int = FIGURE_SIDE) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def save_figure(explanation: Explanation, path, title: str = "") -> Path:
-    """The image, the rollout overlay side by side, each layer's attention below; the
-    top-5 predictions in the title."""
+COLORBAR_LABEL = "attention (share of the maximum)"
+
+
+def figure(explanation: Explanation, title: str = ""):
+    """The image, the rollout overlay side by side with a colour bar (the attention each
+    colour stands for), each layer's attention below; the top-5 predictions in the title.
+    Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     layers = explanation.layer_maps
     cols = max(2, min(len(layers), 6))
@@ -292,14 +342,26 @@ def save_figure(explanation: Explanation, path, title: str = "") -> Path:
     ax_overlay.set_title("attention rollout")
     for ax in (ax_image, ax_overlay):
         ax.axis("off")
+    colours = matplotlib_colormap(explanation.cmap)
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colours)
+    bar = fig.colorbar(scale, ax=ax_overlay, fraction=0.046, pad=0.04)
+    bar.set_label(COLORBAR_LABEL)
     for i, layer in enumerate(layers):
         ax = fig.add_subplot(grid[1 + i // cols, i % cols])
-        ax.imshow(layer, cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(layer, cmap=colours, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"layer {i + 1}", fontsize=9)
         ax.axis("off")
     top = "   ".join(f"{name} {p:.1%}" for name, p in explanation.top)
     fig.suptitle((title + "\n" if title else "") + "top-5: " + top, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def save_figure(explanation: Explanation, path, title: str = "") -> Path:
+    """`figure` written to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(explanation, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -307,22 +369,22 @@ def save_figure(explanation: Explanation, path, title: str = "") -> Path:
     return path
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every option; the docstring's examples kept as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--image", required=True, help="the image to explain")
     parser.add_argument("--out", default="metadata/results/attn.png", help="figure to write")
-    parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
+    parser.add_argument(
+        "--model-path", default=cli.default_model_path(), help="checkpoint ($MODEL_PATH if set)"
+    )
     parser.add_argument(
         "--head-fusion", default="mean", choices=HEAD_FUSIONS, help="heads combined by"
     )
     parser.add_argument(
         "--discard-ratio", type=float, default=0.0, help="zero this fraction of weakest weights"
     )
-    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="opacity of the heatmap over the image, 0 to 1"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     return parser
 
@@ -333,10 +395,13 @@ def main(argv=None) -> int:
     from runtime import select_device
 
     args = build_parser().parse_args(argv)
+    problems = []
     if not 0.0 <= args.discard_ratio < 1.0:
-        print(
-            f"error: --discard-ratio must be in [0, 1); got {args.discard_ratio}", file=sys.stderr
-        )
+        problems.append(f"--discard-ratio must be in [0, 1); got {args.discard_ratio}")
+    if not 0.0 <= args.alpha <= 1.0:
+        problems.append(f"--alpha must be in [0, 1]; got {args.alpha}")
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
         return 2
     try:
         image = decode_image(args.image) if Path(args.image).is_file() else None
@@ -363,4 +428,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.quiet_broken_pipe(main))

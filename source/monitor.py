@@ -1,12 +1,15 @@
-"""Check a trained model for decay (new labelled data) and drift (new images, labels or not).
+"""Check a trained model for decay (new labelled data) and drift (new images, labels or not),
+and keep a history of the checks.
 
     python source/monitor.py --data path/to/new_labelled_images      # decay and drift
     python source/monitor.py --data path/to/new_images --unlabelled  # drift only
+    python source/monitor.py --data path/to/new_images --tracker mlflow --run-name monitoring
     make monitor ARGS="--data path/to/new_images --unlabelled"
 
 --data is a folder of class folders (or of train/ valid/ test/ folders of class folders: all
 of them are used), a .csv manifest, or any other spec train.py accepts; every image is used,
 nothing is held out. With --unlabelled any folder of images will do, class folders or not.
+The model is --model-path, else $MODEL_PATH, else metadata/models/model.pth.
 
 Decay (labelled data): accuracy, macro F1 and ROC-AUC on the new data, against the numbers
 stored in the checkpoint at training (its test metrics, else its validation metrics). A
@@ -23,7 +26,10 @@ together raise a false alarm on undrifted data at most alpha of the time. The po
 stability index (PSI) is reported; it flags drift only with --psi-threshold > 0.
 
 Writes report.txt, report.json and report.png (metric deltas, drift p-values, confidence
-histograms) into --out.
+histograms) into --out, appends the check to --out/history.jsonl (one JSON line per check:
+time, data, images, accuracy, f1_macro, roc_auc, drift statistics, verdict) and redraws
+--out/history.png (accuracy, F1 and AUROC over time against the training baseline). With
+--tracker or --run-id the check is also logged to that experiment tracker.
 
 Exit codes:
     0  healthy: no decay, no drift
@@ -39,165 +45,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import cli
 import metrics as M
 import preprocessing as P
+import report as report_files
+import tracking
 from checkpoint import CheckpointError, config_from_checkpoint, load_model
-from runtime import autocast_for, select_device, setup_logging
+from drift import check_drift, reference_statistics
+from monitor_history import HISTORY_FILE, HISTORY_PLOT, append_history, history_record, log_check
+from runtime import select_device, setup_logging
 
 EXIT_HEALTHY, EXIT_RETRAIN, EXIT_ERROR = 0, 1, 2
-DECAY_METRICS = ("accuracy", "f1_macro", "roc_auc")
-REFERENCE_VERSION = 1
-FEATURE_SAMPLE = 256  # reference feature vectors kept for the embedding test
-VALUE_SAMPLE = 10_000  # reference confidences/entropies kept (a seeded sample beyond this)
-NEW_FEATURE_SAMPLE = 512  # new feature vectors in the MMD test (its cost grows as n^2)
-PSI_BANDS = ((0.1, "stable"), (0.25, "moderate shift"), (np.inf, "major shift"))
+REPORT_NAMES = ("report.txt", "report.json", "report.png")
 
 
 class MonitorError(ValueError):
     """A user-fixable problem with the arguments, the data or the checkpoint."""
 
 
-# ---- reference statistics (written by train.py into checkpoint["reference"]) -----------------
-
-
-def entropy(probs: np.ndarray) -> np.ndarray:
-    """Shannon entropy of each row, in nats."""
-    from scipy.stats import entropy as scipy_entropy
-
-    return scipy_entropy(np.asarray(probs, dtype=np.float64), axis=1)
-
-
-def reference_statistics(
-    result: M.EvalResult, *, sample_size: int = FEATURE_SAMPLE, seed: int = 0
-) -> dict:
-    """What drift monitoring needs from the validation predictions, as tensors and plain
-    values (so the checkpoint stays loadable with weights_only=True).
-
-    `result` comes from `metrics.evaluate(model, val_loader, device, features=True)`; its
-    features may be None (a model without pre-logits), and then the embedding test is skipped.
-    """
-    probs = np.asarray(result.probs, dtype=np.float64)
-    n, num_classes = probs.shape
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.permutation(n)[:VALUE_SAMPLE]) if n > VALUE_SAMPLE else np.arange(n)
-    stats = {
-        "version": REFERENCE_VERSION,
-        "num_samples": int(n),
-        "seed": int(seed),
-        "confidence": torch.from_numpy(probs.max(axis=1)[keep]).float(),
-        "entropy": torch.from_numpy(entropy(probs)[keep]).float(),
-        "predicted_counts": torch.from_numpy(
-            np.bincount(probs.argmax(axis=1), minlength=num_classes)
-        ).long(),
-        "label_counts": torch.from_numpy(
-            np.bincount(np.asarray(result.labels, dtype=np.int64), minlength=num_classes)
-        ).long(),
-    }
-    if result.features is not None and len(result.features):
-        features = np.asarray(result.features, dtype=np.float64)  # (N, D)
-        rows = np.sort(rng.permutation(n)[:sample_size])
-        stats["features"] = torch.from_numpy(features[rows]).float()  # (min(N, k), D)
-        stats["feature_mean"] = torch.from_numpy(features.mean(axis=0)).float()  # (D,)
-        stats["feature_std"] = torch.from_numpy(features.std(axis=0)).float()  # (D,)
-    return stats
-
-
 # ---- decay ---------------------------------------------------------------------------------
-
-
-def decay_metrics(labels, probs, threshold: float | None = None) -> dict:
-    """accuracy, macro F1 and ROC-AUC as metrics.compute_metrics defines them, except that
-    macro F1 averages over the classes present in `labels`: a new batch holding only some
-    classes is not marked down for the absent ones. Equal to compute_metrics' values when
-    every class is present."""
-    from sklearn import metrics as skm
-
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    preds = M.binary_predictions(probs, threshold)
-    present = np.unique(labels)
-    out = {
-        "accuracy": float(np.mean(preds == labels)),
-        "f1_macro": float(
-            skm.f1_score(labels, preds, labels=present, average="macro", zero_division=0)
-        ),
-    }
-    if len(present) >= 2:
-        if probs.shape[1] == 2:
-            auc = skm.roc_auc_score(labels, probs[:, 1])
-        else:
-            # compute_metrics' form: one-vs-rest over the present classes, macro-averaged.
-            onehot = (labels[:, None] == present[None, :]).astype(int)
-            auc = skm.roc_auc_score(onehot, probs[:, present], average="macro")
-        out["roc_auc"] = float(auc)
-    return out
-
-
-def resample_metrics(labels, probs, threshold, idx) -> dict[str, np.ndarray]:
-    """decay_metrics(labels[idx[b]], probs[idx[b]], threshold) for every row b of image
-    indices idx (B, n), vectorised: a (B,) array per metric, nan where undefined."""
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    num_classes = probs.shape[1]
-    idx = np.atleast_2d(idx)
-    rows = np.arange(len(idx))[:, None]
-    true, pred = labels[idx], M.binary_predictions(probs, threshold)[idx]  # (B, n)
-    cells = (rows * num_classes + true).ravel(), (rows * num_classes + pred).ravel()
-    size, shape = len(idx) * num_classes, (len(idx), num_classes)
-    tp = np.bincount(cells[0], weights=(true == pred).ravel(), minlength=size).reshape(shape)
-    support = np.bincount(cells[0], minlength=size).reshape(shape)  # (B, C) true counts
-    predicted = np.bincount(cells[1], minlength=size).reshape(shape)  # (B, C) predicted counts
-    present = support > 0
-    f1 = np.where(present, 2 * tp / np.maximum(support + predicted, 1), 0.0)
-    out = {"accuracy": (true == pred).mean(axis=1), "f1_macro": f1.sum(1) / present.sum(1)}
-
-    # ROC-AUC one-vs-rest as a Mann-Whitney count: each resample is a weighting (how often it
-    # drew each image) of one sorted order, so no resample is sorted again. Tied scores count
-    # half, as in sklearn.
-    n = len(labels)
-    weights = np.bincount((rows * n + idx).ravel(), minlength=len(idx) * n).reshape(len(idx), n)
-    aucs = []
-    for k in [1] if num_classes == 2 else np.unique(labels):
-        order = np.argsort(probs[:, k], kind="stable")
-        sorted_scores = probs[order, k]
-        first = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]  # starts of tie groups
-        group = np.cumsum(first) - 1  # (n,) tie group of each sorted image
-        positive = labels[order] == k
-        w_pos, w_neg = weights[:, order] * positive, weights[:, order] * ~positive  # (B, n)
-        neg_in_group = np.add.reduceat(w_neg, np.flatnonzero(first), axis=1)  # (B, G)
-        neg_below = np.cumsum(neg_in_group, axis=1) - neg_in_group
-        wins = (w_pos * (neg_below + 0.5 * neg_in_group)[:, group]).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            aucs.append(wins / (w_pos.sum(axis=1) * w_neg.sum(axis=1)))
-    aucs = np.stack(aucs, axis=1)  # (B, classes scored); nan where a class is absent
-    defined = np.isfinite(aucs).any(axis=1) & (present.sum(axis=1) >= 2)
-    with np.errstate(invalid="ignore"):
-        out["roc_auc"] = np.where(
-            defined, np.nanmean(np.where(defined[:, None], aucs, 0), 1), np.nan
-        )
-    return out
-
-
-def bootstrap_bounds(
-    labels, probs, threshold, resamples: int, alpha: float, seed: int
-) -> dict[str, tuple[float, float]]:
-    """Percentile-bootstrap (alpha, 1 - alpha) quantiles of each decay metric, resampling
-    images with replacement; resamples where a metric is undefined (one class) are ignored."""
-    n, num_classes = np.shape(probs)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // n)  # resamples at a time: arrays of (chunk, n) stay ~16 MB
-    values: dict[str, list[np.ndarray]] = {name: [] for name in DECAY_METRICS}
-    for start in range(0, resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        for name, vals in resample_metrics(labels, probs, threshold, idx).items():
-            values[name].append(vals)
-    bounds = {}
-    for name, parts in values.items():
-        vals = np.concatenate(parts)
-        if np.isfinite(vals).any():
-            low, high = np.nanquantile(vals, [alpha, 1 - alpha])
-            bounds[name] = (float(low), float(high))
-    return bounds
 
 
 def reference_metrics(ckpt: dict) -> tuple[str, dict]:
@@ -217,10 +84,12 @@ def check_decay(
 ) -> dict:
     split, reference = reference_metrics(ckpt)
     threshold = ckpt.get("threshold")
-    new = decay_metrics(labels, probs, threshold)
-    bounds = bootstrap_bounds(labels, probs, threshold, resamples, alpha, seed) if resamples else {}
+    new = M.decay_metrics(labels, probs, threshold)
+    bounds = (
+        M.bootstrap_bounds(labels, probs, threshold, resamples, alpha, seed) if resamples else {}
+    )
     rows, notes = {}, []
-    for name in DECAY_METRICS:
+    for name in M.DECAY_METRICS:
         if name not in reference or name not in new:
             where = "the reference" if name not in reference else "the new data (one class)"
             notes.append(f"{name} not compared: undefined on {where}")
@@ -244,153 +113,6 @@ def check_decay(
         "metrics": rows,
         "notes": notes,
         "detected": any(r["decayed"] for r in rows.values()),
-    }
-
-
-# ---- drift ---------------------------------------------------------------------------------
-
-
-def population_stability_index(reference, new, bins: int = 10) -> float:
-    """PSI over the reference's quantile bins: sum (new% - ref%) * ln(new% / ref%).
-    Under 0.1 stable, 0.1-0.25 a moderate shift, over 0.25 a major one (the usual reading)."""
-    reference, new = np.asarray(reference, np.float64), np.asarray(new, np.float64)
-    # Confidences pile up near 1, so quantile edges repeat; unique ones keep the bins valid.
-    inner = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    edges = np.concatenate([[-np.inf], inner, [np.inf]])
-    ref_counts = np.histogram(reference, edges)[0]
-    new_counts = np.histogram(new, edges)[0]
-    return categorical_psi(ref_counts, new_counts)
-
-
-def categorical_psi(ref_counts, new_counts, floor: float = 1e-4) -> float:
-    ref = np.maximum(np.asarray(ref_counts, np.float64) / max(np.sum(ref_counts), 1), floor)
-    new = np.maximum(np.asarray(new_counts, np.float64) / max(np.sum(new_counts), 1), floor)
-    return float(np.sum((new - ref) * np.log(new / ref)))
-
-
-def psi_band(value: float) -> str:
-    return next(label for limit, label in PSI_BANDS if value < limit)
-
-
-def mmd_permutation_test(x, y, permutations: int, seed: int) -> tuple[float, float, float]:
-    """Unbiased squared MMD between samples x (n, D) and y (m, D) with an RBF kernel whose
-    bandwidth is the median pairwise distance, and its permutation p-value.
-    Returns (mmd2, p_value, bandwidth)."""
-    z = torch.cat([torch.as_tensor(x), torch.as_tensor(y)]).double()  # (n + m, D)
-    n, total = len(x), len(z)
-    d2 = torch.cdist(z, z).pow(2)  # (n + m, n + m)
-    off = d2[~torch.eye(total, dtype=torch.bool)]
-    bandwidth2 = float(off.median()) if len(off) and float(off.median()) > 0 else 1.0
-    kernel = torch.exp(-d2 / bandwidth2)
-
-    def mmd2(in_x: torch.Tensor) -> torch.Tensor:  # in_x: (P, n + m) 0/1 membership of x
-        in_y = 1.0 - in_x
-        m = total - n
-        kxx = ((in_x @ kernel) * in_x).sum(1) - n  # the diagonal of k(x, x) is all ones
-        kyy = ((in_y @ kernel) * in_y).sum(1) - m
-        kxy = ((in_x @ kernel) * in_y).sum(1)
-        return kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2 * kxy / (n * m)
-
-    observed = mmd2((torch.arange(total) < n).double()[None])[0]
-    generator = torch.Generator().manual_seed(seed)
-    exceed = 0
-    for start in range(0, permutations, 256):  # chunks keep memory at (256, n + m)
-        count = min(256, permutations - start)
-        ranks = torch.rand(count, total, generator=generator, dtype=torch.float64).argsort(1)
-        exceed += int((mmd2((ranks < n).double()) >= observed).sum())
-    return float(observed), (1 + exceed) / (1 + permutations), bandwidth2**0.5
-
-
-def check_drift(
-    probs,
-    features,
-    reference: dict,
-    *,
-    alpha: float,
-    permutations: int,
-    psi_threshold: float,
-    seed: int,
-) -> dict:
-    from scipy import stats
-
-    probs = np.asarray(probs, dtype=np.float64)
-    confidence, ent = probs.max(axis=1), entropy(probs)
-    ref_conf = reference["confidence"].double().numpy()
-    ref_ent = reference["entropy"].double().numpy()
-    ref_counts = reference["predicted_counts"].numpy()
-    new_counts = np.bincount(probs.argmax(axis=1), minlength=len(ref_counts))
-    tests, notes = {}, []
-    for name, ref, new in (("confidence_ks", ref_conf, confidence), ("entropy_ks", ref_ent, ent)):
-        result = stats.ks_2samp(ref, new)
-        tests[name] = {"statistic": float(result.statistic), "p_value": float(result.pvalue)}
-    table = np.stack([ref_counts, new_counts])  # (2, C): a two-sample homogeneity test
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] >= 2:
-        chi2 = stats.chi2_contingency(table)
-        tests["predicted_class_chi2"] = {
-            "statistic": float(chi2.statistic),
-            "p_value": float(chi2.pvalue),
-            "dof": int(chi2.dof),
-        }
-    else:
-        notes.append("predicted-class chi-square skipped: one class predicted in both samples")
-    if "features" not in reference:
-        notes.append("embedding MMD skipped: the reference holds no pre-logit features")
-    elif features is None:
-        notes.append("embedding MMD skipped: this model gives no pre-logit features")
-    elif len(reference["features"]) < 2:
-        notes.append("embedding MMD skipped: the reference holds fewer than 2 feature vectors")
-    else:
-        mean, std = reference["feature_mean"].double(), reference["feature_std"].double()
-        scale = std.clamp_min(1e-6)  # standardised by the reference, so no dimension dominates
-        ref_feats = (reference["features"].double() - mean) / scale
-        new_feats = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        if len(new_feats) > NEW_FEATURE_SAMPLE:
-            rng = np.random.default_rng(seed)
-            new_feats = new_feats[np.sort(rng.permutation(len(new_feats))[:NEW_FEATURE_SAMPLE])]
-        new_feats = (new_feats - mean) / scale
-        mmd2, p_value, bandwidth = mmd_permutation_test(ref_feats, new_feats, permutations, seed)
-        tests["embedding_mmd"] = {
-            "statistic": mmd2,
-            "p_value": p_value,
-            "bandwidth": bandwidth,
-            "permutations": permutations,
-            "sizes": [len(ref_feats), len(new_feats)],
-        }
-    per_test = alpha / max(len(tests), 1)
-    if "embedding_mmd" in tests and 1 / (permutations + 1) >= per_test:
-        notes.append(
-            f"embedding MMD cannot reach p < {per_test:.3g} with {permutations} permutations; "
-            f"use --permutations {int(np.ceil(1 / per_test))} or more"
-        )
-    for row in tests.values():
-        row["drifted"] = bool(row["p_value"] < per_test)
-    psi = {
-        "confidence": population_stability_index(ref_conf, confidence),
-        "entropy": population_stability_index(ref_ent, ent),
-        "predicted_class": categorical_psi(ref_counts, new_counts),
-    }
-    psi_rows = {
-        name: {
-            "value": value,
-            "band": psi_band(value),
-            "drifted": bool(psi_threshold > 0 and value > psi_threshold),
-        }
-        for name, value in psi.items()
-    }
-    return {
-        "reference_num_samples": int(reference["num_samples"]),
-        "alpha": alpha,
-        "alpha_per_test": per_test,
-        "tests": tests,
-        "psi": psi_rows,
-        "psi_threshold": psi_threshold,
-        "notes": notes,
-        "detected": any(r["drifted"] for r in (*tests.values(), *psi_rows.values())),
-        "confidence_hist": {  # for the plot
-            "reference": ref_conf.tolist(),
-            "new": confidence.tolist(),
-        },
     }
 
 
@@ -459,16 +181,6 @@ def load_new_data(spec: str, cfg, classes: list, *, labelled: bool) -> tuple[P.I
     return P.ImageDataset(paths, targets, classes, images=images), skipped
 
 
-def predict(model, dataset, cfg, device, prep: dict) -> M.EvalResult:
-    dataset.transform = P.eval_transform(prep["image_size"], prep["mean"], prep["std"])
-    loader = P.make_loader(dataset, cfg, train=False)
-    # torchvision CNNs have no forward_features: no pre-logits, so no embedding test.
-    features = hasattr(model, "forward_features") and hasattr(model, "forward_head")
-    return M.evaluate(
-        model, loader, device, autocast=autocast_for(device, cfg.amp), features=features
-    )
-
-
 def reference_from_validation(model, ckpt: dict, cfg, device) -> dict:
     """The reference statistics the checkpoint lacks, from its own validation split."""
     train_cfg = config_from_checkpoint(ckpt)
@@ -481,9 +193,10 @@ def reference_from_validation(model, ckpt: dict, cfg, device) -> dict:
             f"{train_cfg.data!r} cannot be loaded to compute them ({err}); retrain with the "
             "current train.py (it stores them) or make the training data available"
         ) from None
-    return reference_statistics(
-        predict(model, splits.val, train_cfg, device, ckpt["preprocessing"])
+    result = M.evaluate_split(
+        model, splits.val, train_cfg, device, preprocessing=ckpt["preprocessing"], features=True
     )
+    return reference_statistics(result)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -540,7 +253,7 @@ def format_report(report: dict) -> str:
 def plot_report(report: dict, path: Path) -> None:
     """Metric deltas with their bootstrap intervals, drift -log10 p-values, and the
     confidence distributions: one figure, so a glance says what moved."""
-    plt = M._pyplot()
+    plt = report_files.pyplot()
     decay, drift = report.get("decay"), report["drift"]
     panels = (["decay"] if decay else []) + ["drift", "confidence"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -572,49 +285,60 @@ def plot_report(report: dict, path: Path) -> None:
     ax.set(title="Prediction confidence", xlabel="max probability", ylabel="density")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=report_files.DPI)
     plt.close(fig)
+
+
+# ---- history -------------------------------------------------------------------------------
+
+
+def baseline_metrics(ckpt: dict) -> dict | None:
+    """The training baseline of the decay metrics (the checkpoint's test, else validation
+    numbers), or None when the checkpoint stores neither."""
+    try:
+        split, stored = reference_metrics(ckpt)
+    except MonitorError:
+        return None
+    return {"split": split, **{k: stored.get(k) for k in M.DECAY_METRICS}}
 
 
 # ---- command line --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=type(
-            "Formatter",
-            (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter),
-            {},
-        ),
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument(
         "--data", required=True, default=argparse.SUPPRESS, help="new data: image folder, .csv, ..."
     )
-    parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
     parser.add_argument(
-        "--unlabelled", action="store_true", help="ignore labels: drift checks only"
+        "--model-path", default=cli.default_model_path(), help="checkpoint ($MODEL_PATH if set)"
     )
     parser.add_argument(
-        "--tolerance", type=float, default=0.05, help="allowed drop of each decay metric"
+        "--unlabelled",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="ignore labels: drift checks only",
     )
-    parser.add_argument(
-        "--alpha", type=float, default=0.01, help="false-alarm rate of the decay and drift tests"
+    add = parser.add_argument
+    add("--tolerance", type=float, default=0.05, help="allowed drop of each decay metric")
+    add("--alpha", type=float, default=0.01, help="false-alarm rate of the decay and drift tests")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no interval)")
+    add("--permutations", type=int, default=1000, help="permutations of the embedding MMD test")
+    add("--psi-threshold", type=float, default=0.0, help="PSI above this is drift (0: report only)")
+    add("--seed", type=int, default=0, help="seed of the resampling")
+    add("--out", default="metadata/results/monitor", help="report folder")
+    add("--batch-size", type=int, default=256, help="images per batch")
+    add("--num-workers", type=int, default=0, help="data loader worker processes")
+    add("--device", default="auto", help="auto | cpu | cuda | mps")
+    add("--tracker", default="none", choices=tuple(tracking.BACKENDS), help="where to log checks")
+    add(
+        "--run-id",
+        default=None,
+        help="log into this existing run (with --tracker none: the local run folder of that "
+        "name); with neither option nothing is logged",
     )
-    parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no interval)"
-    )
-    parser.add_argument(
-        "--permutations", type=int, default=1000, help="permutations of the embedding MMD test"
-    )
-    parser.add_argument(
-        "--psi-threshold", type=float, default=0.0, help="PSI above this is drift (0: report only)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    parser.add_argument("--out", default="metadata/results/monitor", help="report folder")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    add("--run-name", default=None, help="name of a new monitoring run")
+    add("--runs-dir", default="runs", help="local run folders")
     return parser
 
 
@@ -636,73 +360,31 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise MonitorError("; ".join(problems))
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Every check; returns the report (also written to args.out)."""
-    check_arguments(args)
-    try:
-        device = select_device(args.device)
-    except RuntimeError as err:
-        raise MonitorError(str(err)) from None
-    model, ckpt = load_model(args.model_path, device)
-    classes = list(ckpt["classes"])
-    cfg = config_from_checkpoint(ckpt)
-    cfg.batch_size, cfg.num_workers = args.batch_size, args.num_workers
-    labelled = not args.unlabelled
-    dataset, skipped = load_new_data(args.data, cfg, classes, labelled=labelled)
-    result = predict(model, dataset, cfg, device, ckpt["preprocessing"])
-
+def load_reference(model, ckpt: dict, cfg, device) -> tuple[dict, str]:
+    """The drift reference stored at training, else computed now: (statistics, source)."""
     reference = ckpt.get("reference")
     source = "stored in the checkpoint at training"
     if not reference:
         reference = reference_from_validation(model, ckpt, cfg, device)
         source = "computed now from the checkpoint's validation split (none stored)"
         print(f"note: the checkpoint has no reference statistics; {source}")
-    if len(reference["predicted_counts"]) != len(classes):
+    classes = len(ckpt["classes"])
+    if len(reference["predicted_counts"]) != classes:
         raise MonitorError(
             f"the checkpoint's reference statistics cover {len(reference['predicted_counts'])} "
-            f"classes but the model has {len(classes)}; the checkpoint is inconsistent, retrain"
+            f"classes but the model has {classes}; the checkpoint is inconsistent, retrain"
         )
+    return reference, source
 
-    report = {
-        "model_path": str(args.model_path),
-        "data": str(args.data),
-        "mode": "labelled" if labelled else "unlabelled",
-        "num_images": len(dataset),
-        "skipped": list(skipped),
-        "reference_source": source,
-        "settings": {
-            k: getattr(args, k)
-            for k in ("tolerance", "alpha", "bootstrap", "permutations", "psi_threshold", "seed")
-        },
-        "decay": None,
-    }
-    if labelled:
-        report["decay"] = check_decay(
-            result.labels,
-            result.probs,
-            ckpt,
-            tolerance=args.tolerance,
-            alpha=args.alpha,
-            resamples=args.bootstrap,
-            seed=args.seed,
-        )
-    report["drift"] = check_drift(
-        result.probs,
-        result.features,
-        reference,
-        alpha=args.alpha,
-        permutations=args.permutations,
-        psi_threshold=args.psi_threshold,
-        seed=args.seed,
-    )
-    reasons = []
-    if report["decay"]:
-        reasons += [
-            f"decay: {name} {r['new']:.4f} (upper bound {r['ci_high']:.4f}) is below "
-            f"{r['reference']:.4f} - {args.tolerance}"
-            for name, r in report["decay"]["metrics"].items()
-            if r["decayed"]
-        ]
+
+def verdict(report: dict, tolerance: float, psi_threshold: float) -> list[str]:
+    """One line per reason to retrain: each decayed metric, drifted test, PSI over the bar."""
+    reasons = [
+        f"decay: {name} {r['new']:.4f} (upper bound {r['ci_high']:.4f}) is below "
+        f"{r['reference']:.4f} - {tolerance}"
+        for name, r in (report["decay"] or {}).get("metrics", {}).items()
+        if r["decayed"]
+    ]
     drift = report["drift"]
     reasons += [
         f"drift: {name} p = {r['p_value']:.3g} < {drift['alpha_per_test']:.3g}"
@@ -710,22 +392,88 @@ def run(args: argparse.Namespace) -> dict:
         if r["drifted"]
     ]
     reasons += [
-        f"drift: PSI of {name} {r['value']:.3f} > {args.psi_threshold}"
+        f"drift: PSI of {name} {r['value']:.3f} > {psi_threshold}"
         for name, r in drift["psi"].items()
         if r["drifted"]
     ]
-    report["reasons"] = reasons
-    report["status"] = "retrain" if reasons else "healthy"
-    report["exit_code"] = EXIT_RETRAIN if reasons else EXIT_HEALTHY
+    return reasons
 
-    out = Path(args.out)
+
+def check(args: argparse.Namespace, model, ckpt: dict, device) -> dict:
+    """The decay and drift checks of the new data; returns the report."""
+    cfg = config_from_checkpoint(ckpt)
+    cfg.batch_size, cfg.num_workers = args.batch_size, args.num_workers
+    labelled = not args.unlabelled
+    dataset, skipped = load_new_data(args.data, cfg, list(ckpt["classes"]), labelled=labelled)
+    result = M.evaluate_split(
+        model, dataset, cfg, device, preprocessing=ckpt["preprocessing"], features=True
+    )
+    reference, source = load_reference(model, ckpt, cfg, device)
+    settings = ("tolerance", "alpha", "bootstrap", "permutations", "psi_threshold", "seed")
+    report = {
+        "model_path": str(args.model_path),
+        "data": str(args.data),
+        "mode": "labelled" if labelled else "unlabelled",
+        "num_images": len(dataset),
+        "skipped": list(skipped),
+        "reference_source": source,
+        "settings": {k: getattr(args, k) for k in settings},
+        "decay": None,
+    }
+    tests = {"alpha": args.alpha, "seed": args.seed}
+    if labelled:
+        report["decay"] = check_decay(
+            result.labels,
+            result.probs,
+            ckpt,
+            tolerance=args.tolerance,
+            resamples=args.bootstrap,
+            **tests,
+        )
+    report["drift"] = check_drift(
+        result.probs,
+        result.features,
+        reference,
+        permutations=args.permutations,
+        psi_threshold=args.psi_threshold,
+        **tests,
+    )
+    report["reasons"] = verdict(report, args.tolerance, args.psi_threshold)
+    report["status"] = "retrain" if report["reasons"] else "healthy"
+    report["exit_code"] = EXIT_RETRAIN if report["reasons"] else EXIT_HEALTHY
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """report.txt, report.json and report.png into `out`; the text is printed too."""
     out.mkdir(parents=True, exist_ok=True)
     text = format_report(report)
     (out / "report.txt").write_text(text)
     plot_report(report, out / "report.png")
-    saved = {**report, "drift": {k: v for k, v in drift.items() if k != "confidence_hist"}}
-    (out / "report.json").write_text(json.dumps(saved, indent=2) + "\n")
+    drift = {k: v for k, v in report["drift"].items() if k != "confidence_hist"}
+    (out / "report.json").write_text(json.dumps({**report, "drift": drift}, indent=2) + "\n")
     print(text + f"report in {out}/ (report.txt, report.json, report.png)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every check; returns the report (also written to args.out, and appended to its
+    history and to the tracker when one is set)."""
+    check_arguments(args)
+    try:
+        device = select_device(args.device)
+    except RuntimeError as err:
+        raise MonitorError(str(err)) from None
+    model, ckpt = load_model(args.model_path, device)
+    report = check(args, model, ckpt, device)
+    out = Path(args.out)
+    write_report(report, out)
+    record = history_record(report, baseline_metrics(ckpt))
+    history = append_history(out, record)
+    print(f"check {len(history)} in {out / HISTORY_FILE}; the trend in {out / HISTORY_PLOT}")
+    if args.tracker != "none" or args.run_id:
+        files = [out / name for name in (*REPORT_NAMES, HISTORY_PLOT)]
+        run_id = log_check(args, record, len(history) - 1, files)
+        print(f"logged to {args.tracker} run {run_id}")
     return report
 
 
@@ -740,4 +488,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.quiet_broken_pipe(main))

@@ -184,6 +184,36 @@ def test_overlay_blends_and_keeps_the_image_size():
     assert cropped[:, :5].max() == 0 and cropped[0, 5].tolist() == [255, 255, 255]
 
 
+def test_overlay_blend_equals_the_hand_computation():
+    """alpha x colour + (1 - alpha) x image, rounded; gray colours are the heat level."""
+    pixels = np.array([[[12, 40, 200], [201, 101, 52]], [[0, 0, 0], [255, 255, 255]]], np.uint8)
+    heat = np.array([[0.0, 1.0], [0.4, 0.2]], dtype=np.float32)  # levels 0, 255, 102, 51
+    out = np.asarray(AV.overlay(Image.fromarray(pixels), heat, alpha=0.3, cmap="gray"))
+    # (0, 1): 0.3 * 255 + 0.7 * (201, 101, 52) = (217.2, 147.2, 112.9)
+    # (1, 0): 0.3 * 102 + 0 = 30.6; (1, 1): 0.3 * 51 + 0.7 * 255 = 193.8
+    expected = [[[8, 28, 140], [217, 147, 113]], [[31, 31, 31], [194, 194, 194]]]
+    assert out.tolist() == expected
+    # OpenCV's jet: level 0 is dark blue (0, 0, 128), level 255 dark red (128, 0, 0).
+    grey = Image.new("RGB", (2, 1), (100, 100, 100))
+    jet = np.asarray(AV.overlay(grey, np.array([[0.0, 1.0]]), alpha=0.5, center_crop=False))
+    assert jet.tolist() == [[[50, 50, 114], [114, 50, 50]]]
+    # cv2.resize, bilinear: a 2-pixel ramp to 4 pixels is 0, 1/4, 3/4, 1 (levels 64, 191).
+    black = Image.new("RGB", (4, 1))
+    ramp = AV.overlay(black, np.array([[0.0, 1.0]]), alpha=1.0, cmap="gray", center_crop=False)
+    ramp = np.asarray(ramp)
+    assert ramp[0, :, 0].tolist() == [0, 64, 191, 255]
+
+
+def test_overlay_options_are_checked():
+    image = Image.new("RGB", (4, 4))
+    with pytest.raises(ValueError, match="opacity"):
+        AV.overlay(image, np.zeros((2, 2)), alpha=1.5)
+    with pytest.raises(ValueError, match="not one of gray, jet"):
+        AV.overlay(image, np.zeros((2, 2)), cmap="rainbow-ish")
+    table = AV.colormap_table("jet")
+    assert table.shape == (256, 3) and table[0].tolist() == [0, 0, 128]
+
+
 def test_explain_and_figure_on_the_smoke_model(smoke_model, tmp_path):
     from checkpoint import load_model
 
@@ -205,6 +235,14 @@ def test_explain_and_figure_on_the_smoke_model(smoke_model, tmp_path):
     path = AV.save_figure(explanation, tmp_path / "fig.png", title="x.png")
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=float)
     assert pixels.var() > 0
+    # The colour bar: the overlay's own colours, from 0 to 1.
+    fig = AV.figure(explanation)
+    (bar,) = [ax for ax in fig.axes if ax.get_ylabel() == AV.COLORBAR_LABEL]
+    (mappable,) = [c for c in bar.collections if c.get_array() is not None]  # the colour strip
+    np.testing.assert_allclose(
+        mappable.cmap(np.linspace(0, 1, 256))[:, :3], AV.colormap_table("jet") / 255.0
+    )
+    assert (mappable.norm.vmin, mappable.norm.vmax) == (0.0, 1.0)
 
 
 def test_cli_writes_the_figure_and_explains_errors(smoke_model, tmp_path, capsys):
@@ -221,3 +259,5 @@ def test_cli_writes_the_figure_and_explains_errors(smoke_model, tmp_path, capsys
     (tmp_path / "junk.png").write_text("not an image")
     assert AV.main(["--image", str(tmp_path / "junk.png"), "--model-path", str(smoke_model)]) == 2
     assert "not an image file" in capsys.readouterr().err
+    assert AV.main(["--image", str(image), "--alpha", "2"]) == 2
+    assert "--alpha must be in [0, 1]; got 2.0" in capsys.readouterr().err

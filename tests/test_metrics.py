@@ -1,4 +1,5 @@
-"""metrics.py: every metric against scikit-learn, the extremes, threshold rules, plots."""
+"""metrics.py: every metric against scikit-learn, the extremes, threshold rules, the evaluation
+loop; report.py: the plots and report files."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from sklearn.preprocessing import label_binarize
 
 import metrics as M
+import report as R
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -186,6 +189,71 @@ def test_json_safe_turns_nan_into_null():
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": 2}
 
 
+def test_one_vs_rest_auc_is_sklearns_in_every_form():
+    labels, probs = example(4)
+    ovr = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert M.one_vs_rest_auc(labels, probs) == pytest.approx(ovr, abs=1e-12)
+    per_class = [skm.roc_auc_score(labels == k, probs[:, k]) for k in range(4)]
+    np.testing.assert_allclose(M.one_vs_rest_auc(labels, probs, average=None), per_class)
+    np.testing.assert_allclose(M.per_class_auc(labels, probs), per_class)
+    ap = M.one_vs_rest_auc(labels, probs, score=skm.average_precision_score)
+    assert ap == pytest.approx(
+        skm.average_precision_score(label_binarize(labels, classes=range(4)), probs)
+    )
+    # Class 3 absent: NaN in its place, the macro over the three present.
+    keep = labels < 3
+    absent = M.one_vs_rest_auc(labels[keep], probs[keep], average=None)
+    assert np.isnan(absent[3]) and not np.isnan(absent[:3]).any()
+    assert M.one_vs_rest_auc(labels[keep], probs[keep]) == pytest.approx(absent[:3].mean())
+    # Binary: class 1's score (PR is not symmetric, so this is not the mean of both).
+    b_labels, b_probs = example(2)
+    assert M.one_vs_rest_auc(b_labels, b_probs, score=skm.average_precision_score) == (
+        skm.average_precision_score(b_labels, b_probs[:, 1])
+    )
+    assert np.isnan(M.one_vs_rest_auc([1, 1, 1], b_probs[:3]))  # one class: undefined
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits = a fixed linear map of each image's channel means; records the input size."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.linear(x.mean(dim=(-2, -1)))
+
+
+def test_evaluate_split_preprocesses_as_the_checkpoint_says(tmp_path):
+    import preprocessing as P
+    from config import PRESETS, Config
+    from conftest import make_image
+
+    paths = [str(make_image(tmp_path / f"{i}.png", i % 2, size=20, seed=i)) for i in range(5)]
+    dataset = P.ImageDataset(paths, [i % 2 for i in range(5)], ["a", "b"])
+    cfg = Config.from_dict({**PRESETS["smoke"](), "batch_size": 2, "num_workers": 0})
+    torch.manual_seed(0)
+    model = FixedLogits().train()
+    prep = {"image_size": 12, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    result = M.evaluate_split(model, dataset, cfg, "cpu", preprocessing=prep, features=True)
+    assert model.training  # given back in the mode it came in
+    assert model.sizes == [(12, 12)] * 3  # 5 images in batches of 2, at the given size
+    assert result.features is None  # asked for, but this model has no pre-logits
+    assert result.paths == paths and result.labels.tolist() == [0, 1, 0, 1, 0]
+    # The same numbers as evaluate on a loader built by hand.
+    dataset.transform = P.eval_transform(12, prep["mean"], prep["std"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5)
+    by_hand = M.evaluate(model, loader, "cpu")
+    np.testing.assert_allclose(result.probs, by_hand.probs, atol=1e-12)
+    assert result.loss == pytest.approx(by_hand.loss)
+    # Without `preprocessing`, the config's own image size.
+    model.sizes.clear()
+    M.evaluate_split(model, dataset, cfg, "cpu", limit_batches=1)
+    assert model.sizes == [(cfg.image_size, cfg.image_size)]
+
+
 # ---- threshold selection ------------------------------------------------------------------
 
 
@@ -275,29 +343,29 @@ def assert_png(path, size=None):
 def test_curve_plots_have_the_expected_size(tmp_path, num_classes):
     labels, probs = example(num_classes)
     classes = [f"class {i}" for i in range(num_classes)]
-    size = (int(M.FIGSIZE[0] * M.DPI), int(M.FIGSIZE[1] * M.DPI))
-    M.plot_roc(labels, probs, classes, tmp_path / "roc.png", threshold=0.4)
-    M.plot_pr(labels, probs, classes, tmp_path / "pr.png")
-    M.plot_calibration(labels, probs, tmp_path / "calibration.png")
+    size = (int(R.FIGSIZE[0] * R.DPI), int(R.FIGSIZE[1] * R.DPI))
+    R.plot_roc(labels, probs, classes, tmp_path / "roc.png", threshold=0.4)
+    R.plot_pr(labels, probs, classes, tmp_path / "pr.png")
+    R.plot_calibration(labels, probs, tmp_path / "calibration.png")
     assert_png(tmp_path / "roc.png", size)
     assert_png(tmp_path / "pr.png", size)
-    calibration = (int(M.CALIBRATION_FIGSIZE[0] * M.DPI), int(M.CALIBRATION_FIGSIZE[1] * M.DPI))
+    calibration = (int(R.CALIBRATION_FIGSIZE[0] * R.DPI), int(R.CALIBRATION_FIGSIZE[1] * R.DPI))
     assert_png(tmp_path / "calibration.png", calibration)
     if num_classes == 2:
-        M.plot_threshold(labels, probs[:, 1], tmp_path / "t.png", 0.4, {"youden": 0.5})
+        R.plot_threshold(labels, probs[:, 1], tmp_path / "t.png", 0.4, {"youden": 0.5})
         assert_png(tmp_path / "t.png", size)
 
 
 def test_confusion_matrix_with_400_classes_renders_the_most_confused(tmp_path):
     labels, probs = example(400, n=1200, signal=2.0)
     preds = probs.argmax(axis=1)
-    cm = M.plot_confusion_matrix(
+    cm = R.plot_confusion_matrix(
         labels, preds, [f"species {i}" for i in range(400)], tmp_path / "cm.png"
     )
     np.testing.assert_array_equal(cm, skm.confusion_matrix(labels, preds, labels=range(400)))
-    side = 0.4 * M.CONFUSION_MAX_CLASSES + 2
-    assert_png(tmp_path / "cm.png", (int(side * M.DPI), int(side * 0.85 * M.DPI)))
-    M.write_confusion_csv(cm, [f"species {i}" for i in range(400)], tmp_path / "cm.csv")
+    side = 0.4 * R.CONFUSION_MAX_CLASSES + 2
+    assert_png(tmp_path / "cm.png", (int(side * R.DPI), int(side * 0.85 * R.DPI)))
+    R.write_confusion_csv(cm, [f"species {i}" for i in range(400)], tmp_path / "cm.csv")
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "cm.csv", index_col=0)
@@ -314,25 +382,25 @@ def test_misclassified_gallery_shows_the_most_confident_mistakes(tmp_path):
         loaded.append(i)
         return np.full((3, 8, 8), 40 * i, dtype=np.uint8)  # CHW, as ImageDataset caches
 
-    shown = M.plot_misclassified(labels, probs, list("abc"), load, tmp_path / "m.png")
+    shown = R.plot_misclassified(labels, probs, list("abc"), load, tmp_path / "m.png")
     assert shown == [0, 2]  # wrong: 0 (p 0.8) and 2 (p 0.6), most confident first
     assert loaded == [0, 2]
     assert_png(tmp_path / "m.png")
-    M.plot_misclassified(labels, np.eye(3)[labels], list("abc"), load, tmp_path / "none.png")
+    R.plot_misclassified(labels, np.eye(3)[labels], list("abc"), load, tmp_path / "none.png")
     assert_png(tmp_path / "none.png")  # "no misclassified images", still a readable figure
 
 
 def test_write_report_files_agree(tmp_path):
     labels, probs = example(3, n=30)
     result = M.EvalResult(labels, probs, 0.5, paths=[f"img/{i}.png" for i in range(30)])
-    metrics = M.write_report(
+    metrics = R.write_report(
         result,
         ["cat", "dog", "owl"],
         tmp_path,
         load_image=lambda i: Image.new("RGB", (10, 10), (i * 8, 0, 0)),
         extra={"split": "test"},
     )
-    for name in M.REPORT_FILES:
+    for name in R.REPORT_FILES:
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "threshold.png").exists()  # binary tasks only
     saved = json.loads((tmp_path / "metrics.json").read_text())

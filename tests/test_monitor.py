@@ -1,4 +1,5 @@
-"""monitor.py: reference statistics, the decay and drift rules, and the CLI end to end on a
+"""monitor.py (with drift.py, monitor_history.py and metrics.py's decay metrics): reference
+statistics, the decay and drift rules, the history of checks, and the CLI end to end on a
 small model that has learned an easy generated dataset."""
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import torch
 import yaml
 from PIL import Image, ImageFilter, ImageOps
 
+import drift
 import metrics as M
 import monitor
+import monitor_history
+import report
+import tracking
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, make_image, train_smoke
 
@@ -36,7 +41,7 @@ def fake_result(n=300, classes=4, dim=8, seed=0, features=True) -> M.EvalResult:
 
 def test_reference_statistics_round_trip_weights_only(tmp_path):
     result = fake_result()
-    stats = monitor.reference_statistics(result)
+    stats = drift.reference_statistics(result)
     torch.save({"reference": stats}, tmp_path / "ref.pth")
     loaded = torch.load(tmp_path / "ref.pth", weights_only=True)["reference"]
 
@@ -69,15 +74,15 @@ def test_reference_statistics_round_trip_weights_only(tmp_path):
     assert all(tuple(r) in rows for r in loaded["features"].numpy())
     np.testing.assert_allclose(loaded["feature_mean"].numpy(), result.features.mean(0), rtol=1e-5)
     np.testing.assert_allclose(loaded["feature_std"].numpy(), result.features.std(0), rtol=1e-5)
-    again = monitor.reference_statistics(fake_result())
+    again = drift.reference_statistics(fake_result())
     assert torch.equal(again["features"], stats["features"])
 
 
 def test_reference_statistics_without_features_and_small_sets():
-    stats = monitor.reference_statistics(fake_result(n=40, features=False))
+    stats = drift.reference_statistics(fake_result(n=40, features=False))
     assert "features" not in stats and "feature_mean" not in stats
     assert stats["confidence"].shape == (40,)
-    small = monitor.reference_statistics(fake_result(n=40))
+    small = drift.reference_statistics(fake_result(n=40))
     assert small["features"].shape == (40, 8)  # all rows when there are fewer than 256
 
 
@@ -87,9 +92,9 @@ def test_reference_statistics_without_features_and_small_sets():
 def test_resampled_metrics_equal_scikit_learn():
     result = fake_result(n=120, classes=5)
     classes = [str(c) for c in range(5)]
-    identity = monitor.resample_metrics(result.labels, result.probs, None, np.arange(120))
+    identity = M.resample_metrics(result.labels, result.probs, None, np.arange(120))
     reference = M.compute_metrics(result.labels, result.probs, classes)
-    for name in monitor.DECAY_METRICS:
+    for name in M.DECAY_METRICS:
         assert identity[name][0] == pytest.approx(reference[name], abs=1e-12), name
     rng = np.random.default_rng(3)
     # Five classes; 6 images of 2 of 4 classes, where resamples miss classes; binary.
@@ -99,10 +104,10 @@ def test_resampled_metrics_equal_scikit_learn():
     for data, threshold in ((result, None), (few, None), (binary, 0.3)):
         n = len(data.labels)
         idx = rng.integers(0, n, (40, n))
-        vectorised = monitor.resample_metrics(data.labels, data.probs, threshold, idx)
+        vectorised = M.resample_metrics(data.labels, data.probs, threshold, idx)
         for b, rows in enumerate(idx):
-            one = monitor.decay_metrics(data.labels[rows], data.probs[rows], threshold)
-            for name in monitor.DECAY_METRICS:
+            one = M.decay_metrics(data.labels[rows], data.probs[rows], threshold)
+            for name in M.DECAY_METRICS:
                 expected = one.get(name, np.nan)  # roc_auc is undefined on one class
                 assert vectorised[name][b] == pytest.approx(expected, abs=1e-12, nan_ok=True)
 
@@ -118,7 +123,7 @@ def test_decay_metrics_on_a_batch_with_only_some_classes():
             [0.4, 0.3, 0.2, 0.1],
         ]
     )
-    out = monitor.decay_metrics(labels, probs)
+    out = M.decay_metrics(labels, probs)
     assert out["accuracy"] == pytest.approx(0.6)
     # F1 over the two present classes only: class 0 (P 1/2, R 1/2), class 1 (P 2/3, R 2/3).
     assert out["f1_macro"] == pytest.approx((0.5 + 2 / 3) / 2)
@@ -170,29 +175,29 @@ def test_mmd_permutation_test_separates_shifted_features():
     rng = np.random.default_rng(0)
     x, same, shifted = rng.normal(size=(3, 60, 5))
     shifted = shifted + 1.0
-    mmd_same, p_same, _ = monitor.mmd_permutation_test(x, same, 500, seed=0)
-    mmd_shift, p_shift, _ = monitor.mmd_permutation_test(x, shifted, 500, seed=0)
+    mmd_same, p_same, _ = drift.mmd_permutation_test(x, same, 500, seed=0)
+    mmd_shift, p_shift, _ = drift.mmd_permutation_test(x, shifted, 500, seed=0)
     assert p_same > 0.05 and p_shift == pytest.approx(1 / 501)
     assert mmd_shift > 10 * abs(mmd_same)
-    assert monitor.mmd_permutation_test(x, same, 500, seed=0)[1] == p_same  # seeded
+    assert drift.mmd_permutation_test(x, same, 500, seed=0)[1] == p_same  # seeded
 
 
 def test_population_stability_index():
     values = np.random.default_rng(0).uniform(size=5000)
-    assert monitor.population_stability_index(values, values) == 0.0
-    assert monitor.categorical_psi([50, 50], [50, 50]) == 0.0
+    assert drift.population_stability_index(values, values) == 0.0
+    assert drift.categorical_psi([50, 50], [50, 50]) == 0.0
     # (0.8 - 0.5) ln(0.8 / 0.5) + (0.2 - 0.5) ln(0.2 / 0.5)
-    assert monitor.categorical_psi([50, 50], [80, 20]) == pytest.approx(
+    assert drift.categorical_psi([50, 50], [80, 20]) == pytest.approx(
         0.3 * np.log(1.6) - 0.3 * np.log(0.4)
     )
-    assert monitor.psi_band(0.05) == "stable" and monitor.psi_band(0.3) == "major shift"
+    assert drift.psi_band(0.05) == "stable" and drift.psi_band(0.3) == "major shift"
 
 
 def test_check_drift_rules():
-    reference = monitor.reference_statistics(fake_result(n=400, seed=1))
+    reference = drift.reference_statistics(fake_result(n=400, seed=1))
     same = fake_result(n=200, seed=2)
     kwargs = dict(alpha=0.01, permutations=500, psi_threshold=0.0, seed=0)
-    healthy = monitor.check_drift(same.probs, same.features, reference, **kwargs)
+    healthy = drift.check_drift(same.probs, same.features, reference, **kwargs)
     assert set(healthy["tests"]) == {
         "confidence_ks",
         "entropy_ks",
@@ -204,36 +209,36 @@ def test_check_drift_rules():
 
     # Everything predicted as class 0, with features moved: every test should fire.
     probs = np.tile([0.97, 0.01, 0.01, 0.01], (200, 1))
-    drifted = monitor.check_drift(probs, same.features + 3.0, reference, **kwargs)
+    drifted = drift.check_drift(probs, same.features + 3.0, reference, **kwargs)
     assert drifted["detected"]
     assert all(t["drifted"] for t in drifted["tests"].values()), drifted["tests"]
     assert drifted["psi"]["predicted_class"]["band"] == "major shift"
     # PSI decides only when asked to.
     assert not any(r["drifted"] for r in drifted["psi"].values())
-    with_psi = monitor.check_drift(
+    with_psi = drift.check_drift(
         probs, same.features + 3.0, reference, **kwargs | {"psi_threshold": 0.25}
     )
     assert with_psi["psi"]["predicted_class"]["drifted"]
 
-    few = monitor.check_drift(same.probs, None, reference, **kwargs | {"permutations": 100})
+    few = drift.check_drift(same.probs, None, reference, **kwargs | {"permutations": 100})
     assert "embedding_mmd" not in few["tests"]
     assert any("no pre-logit features" in note for note in few["notes"])
 
 
 def test_check_drift_subsamples_many_new_features():
-    reference = monitor.reference_statistics(fake_result(n=100, seed=1))
+    reference = drift.reference_statistics(fake_result(n=100, seed=1))
     new = fake_result(n=700, seed=2)
-    out = monitor.check_drift(
+    out = drift.check_drift(
         new.probs, new.features, reference, alpha=0.01, permutations=400, psi_threshold=0, seed=0
     )
-    assert out["tests"]["embedding_mmd"]["sizes"] == [100, monitor.NEW_FEATURE_SAMPLE]
+    assert out["tests"]["embedding_mmd"]["sizes"] == [100, drift.NEW_FEATURE_SAMPLE]
     assert not out["detected"], out["tests"]
 
 
 def test_check_drift_warns_when_permutations_are_too_few():
-    reference = monitor.reference_statistics(fake_result(n=100, seed=1))
+    reference = drift.reference_statistics(fake_result(n=100, seed=1))
     new = fake_result(n=50, seed=2)
-    out = monitor.check_drift(
+    out = drift.check_drift(
         new.probs, new.features, reference, alpha=0.01, permutations=100, psi_threshold=0, seed=0
     )
     assert any("--permutations 400 or more" in note for note in out["notes"])
@@ -269,6 +274,43 @@ def test_usage_and_checkpoint_errors_exit_2(tmp_path, capsys):
     assert f"no model file at {missing}" in capsys.readouterr().err
     assert monitor.main(["--data", str(tmp_path), "--alpha", "2"]) == 2
     assert "--alpha must be in (0, 0.5); got 2.0" in capsys.readouterr().err
+
+
+def test_model_path_defaults_to_the_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "cats.pth"))
+    assert monitor.build_parser().parse_args(["--data", "x"]).model_path == str(
+        tmp_path / "cats.pth"
+    )
+    assert monitor.main(["--data", str(tmp_path)]) == 2
+    assert f"no model file at {tmp_path / 'cats.pth'}" in capsys.readouterr().err
+
+
+# ---- history ---------------------------------------------------------------------------------
+
+
+def test_history_lines_are_read_back_and_drawn(tmp_path, capsys):
+    records = [
+        {"time": "2025-01-01T00:00:00+00:00", "accuracy": 0.9, "f1_macro": 0.8, "roc_auc": 0.95},
+        {"time": "2025-01-02T00:00:00+00:00", "accuracy": 0.7, "f1_macro": None, "roc_auc": 0.6},
+    ]
+    path = tmp_path / "history.jsonl"
+    path.write_text(json.dumps(records[0]) + "\n{cut short\n" + json.dumps(records[1]) + "\n")
+    assert monitor_history.read_history(path) == records
+    assert "history.jsonl:2 is not a JSON line; skipped" in capsys.readouterr().err
+    baseline = {"accuracy": 0.95, "f1_macro": 0.9, "roc_auc": None}
+    fig = report.monitor_history_figure(records, baseline)
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+    assert set(lines) == {
+        "accuracy",
+        "F1 (macro)",
+        "AUROC",
+        "accuracy at training",
+        "F1 (macro) at training",
+    }  # no AUROC baseline to draw
+    np.testing.assert_array_equal(lines["accuracy"], [0.9, 0.7])
+    np.testing.assert_array_equal(lines["F1 (macro)"], [0.8, np.nan])  # a gap, not a zero
+    np.testing.assert_array_equal(lines["AUROC"], [0.95, 0.6])
+    assert list(lines["accuracy at training"]) == [0.95, 0.95]
 
 
 # ---- the CronJob and the Makefile ----------------------------------------------------------
@@ -467,3 +509,61 @@ def test_unknown_class_folder_is_a_data_error(trained, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1  # one sentence, no traceback
     assert "zebra is not one of the model's 3 classes (cat, dog, owl); remove" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_checks_make_a_history_a_plot_and_tracker_steps(trained, monkeypatch):
+    out = trained["tmp"] / "reports" / "history"
+    runs = trained["tmp"] / "runs-monitor"
+    tracking.open_run("none", run_name="monitoring", runs_dir=str(runs)).finish()
+    drawn, figure = [], report.monitor_history_figure
+
+    def spy(records, baseline=None):
+        drawn.append(figure(records, baseline))
+        return drawn[-1]
+
+    monkeypatch.setattr(report, "monitor_history_figure", spy)
+    data = trained["data"] / "test"
+    argv = [
+        "--data", str(data), "--model-path", str(trained["model"]), "--out", str(out),
+        "--bootstrap", "200", "--permutations", "400", "--run-id", "monitoring",
+        "--runs-dir", str(runs),
+    ]  # fmt: skip
+    assert monitor.main(argv) == 0
+    assert monitor.main([*argv, "--unlabelled"]) == 0
+
+    first, second = [json.loads(line) for line in (out / "history.jsonl").open()]
+    stored = trained["ckpt"]["metrics"]["test"]
+    for name in ("accuracy", "f1_macro", "roc_auc"):
+        assert first[name] == pytest.approx(stored[name])  # the test split again
+        assert first["baseline"][name] == stored[name]
+        assert second[name] is None  # no labels, no metrics
+    assert first["baseline"]["split"] == "test"
+    assert (first["mode"], second["mode"]) == ("labelled", "unlabelled")
+    assert first["data"] == second["data"] == str(data)
+    assert first["num_images"] == second["num_images"] == 30
+    assert first["status"] == second["status"] == "healthy" and first["exit_code"] == 0
+    assert first["time"] <= second["time"]
+    last = json.loads((out / "report.json").read_text())  # the second check's report
+    assert second["drift"] == {
+        name: {k: test[k] for k in ("statistic", "p_value", "drifted")}
+        for name, test in last["drift"]["tests"].items()
+    }
+    assert set(second["drift"]) == {
+        "confidence_ks", "entropy_ks", "predicted_class_chi2", "embedding_mmd",
+    }  # fmt: skip
+    assert second["psi"] == {name: row["value"] for name, row in last["drift"]["psi"].items()}
+
+    # history.png, redrawn from every check after each one.
+    assert (out / "history.png").stat().st_size > 1000 and len(drawn) == 2
+    lines = {line.get_label(): line.get_ydata() for line in drawn[-1].axes[0].get_lines()}
+    for label, key in (("accuracy", "accuracy"), ("F1 (macro)", "f1_macro"), ("AUROC", "roc_auc")):
+        assert lines[label][0] == pytest.approx(first[key]) and np.isnan(lines[label][1])
+        assert lines[f"{label} at training"][0] == pytest.approx(stored[key])
+
+    # The tracker run got each check at its place in the history.
+    logged = [json.loads(line) for line in (runs / "monitoring" / "metrics.jsonl").open()]
+    steps = {r["step"]: r for r in logged if "monitor/num_images" in r}
+    assert steps[0]["monitor/accuracy"] == pytest.approx(first["accuracy"])
+    assert "monitor/accuracy" not in steps[1] and steps[1]["monitor/num_images"] == 30
+    assert (runs / "monitoring" / "artifacts" / "history.png").is_file()

@@ -1,5 +1,5 @@
 """test.py end to end: the report files and their content, the binary threshold (chosen on
-validation, never test), --update-readme, tracking, and the errors a user can cause."""
+validation, never test), tracking, $MODEL_PATH, and the errors a user can cause."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 
 import metrics as M
 import preprocessing as P
+import report
 import tracking
 from checkpoint import make_checkpoint, save_checkpoint
 from config import PRESETS, Config
@@ -37,10 +38,6 @@ ISSUE_METRICS = (
     "f1_macro", "precision_weighted", "recall_weighted", "f1_weighted", "cohen_kappa",
     "roc_auc", "pr_auc", "log_loss", "ece",
 )  # fmt: skip
-README_TEXT = (
-    "# Project\n\nIntro line.\n\n<!-- metrics:start -->\nold table\n<!-- metrics:end -->\n\n"
-    "## After\n\nkept as is\n"
-)
 
 
 def non_blank_png(path: Path) -> bool:
@@ -65,21 +62,18 @@ def binary_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_on_the_smoke_model(smoke_model, tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEXT)
     runs = tmp_path / "runs"
     tracking.open_run("none", run_name="train-run", runs_dir=str(runs)).finish()
     out = tmp_path / "results"
     argv = [
         "--model-path", str(smoke_model), "--results-dir", str(out), "--num-workers", "0",
-        "--update-readme", "--readme", str(readme), "--run-id", "train-run",
-        "--runs-dir", str(runs),
+        "--run-id", "train-run", "--runs-dir", str(runs),
     ]  # fmt: skip
     assert T.main(argv) == 0
     printed = capsys.readouterr().out
     assert "test split of digits" in printed and "macro avg" in printed
 
-    for name in (*M.REPORT_FILES, "attn.png"):
+    for name in (*report.REPORT_FILES, "attn.png"):
         assert (out / name).is_file(), name
     assert not (out / "threshold.png").exists()  # ten classes: no threshold
     metrics = json.loads((out / "metrics.json").read_text())
@@ -107,18 +101,6 @@ def test_report_on_the_smoke_model(smoke_model, tmp_path, capsys):
     for name in ("confusion_matrix.png", "roc.png", "pr.png", "calibration.png",
                  "misclassified.png", "attn.png"):  # fmt: skip
         assert non_blank_png(out / name), name
-
-    # README: only the marked section changed; its links point at the plots.
-    text = readme.read_text()
-    head, rest = README_TEXT.split("<!-- metrics:start -->")
-    tail = rest.split("<!-- metrics:end -->")[1]
-    assert text.startswith(head + "<!-- metrics:start -->\n")
-    assert text.endswith("<!-- metrics:end -->" + tail)
-    section = text[len(head) : len(text) - len(tail)]
-    assert "old table" not in section
-    assert f"| accuracy | {metrics['accuracy']:.4f} |" in section
-    assert "![confusion matrix](results/confusion_matrix.png)" in section
-    assert "![attention rollout](results/attn.png)" in section
 
     # Tracking: the metrics and files went into the existing local run.
     records = [json.loads(line) for line in (runs / "train-run" / "metrics.jsonl").open()]
@@ -167,44 +149,6 @@ def test_binary_threshold_is_chosen_on_validation_only(binary_model, tmp_path, m
     )
 
 
-def test_update_readme_changes_only_the_marked_section(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_bytes(README_TEXT.replace("\n", "\r\n").encode())
-    T.update_readme(readme, "| a | b |\n| --- | --- |")
-    first = readme.read_bytes()
-    assert first == (
-        README_TEXT.replace("old table", "| a | b |\n| --- | --- |").replace("\n", "\r\n").encode()
-    )
-    T.update_readme(readme, "| a | b |\n| --- | --- |")
-    assert readme.read_bytes() == first  # idempotent: CI sees no change when nothing changed
-
-
-def test_the_repo_readme_has_the_markers():
-    text = (ROOT / "README.md").read_text()
-    assert text.index(T.README_START) < text.index(T.README_END)
-
-
-def test_readme_without_markers_is_explained(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
-    with pytest.raises(T.UserError, match="add the two markers"):
-        T.update_readme(readme, "x")
-    assert readme.read_text() == "# no markers\n"
-
-
-def test_readme_section_links_relative_to_the_readme(tmp_path):
-    results = tmp_path / "metadata" / "results"
-    results.mkdir(parents=True)
-    (results / "roc.png").write_bytes(b"png")
-    metrics = {"split": "test", "data": "digits", "num_samples": 9, "num_classes": 2,
-               "accuracy": 0.5, "top5_accuracy": 1.0, "ece": float("nan"), "threshold": 0.25}  # fmt: skip
-    section = T.readme_section(metrics, results, tmp_path)
-    assert "![ROC curve](metadata/results/roc.png)" in section
-    assert "calibration" not in section  # no file, no link
-    assert "| decision threshold | 0.2500 |" in section
-    assert "top-5" not in section and "calibration error" not in section  # trivial / NaN
-
-
 def test_user_errors_end_in_one_sentence(smoke_model, tmp_path, capsys):
     assert T.main(["--model-path", str(tmp_path / "none.pth")]) == 2
     assert "no model file" in capsys.readouterr().err
@@ -216,10 +160,21 @@ def test_user_errors_end_in_one_sentence(smoke_model, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_help_lists_every_option_with_its_default(capsys):
+def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
+    monkeypatch.delenv("MODEL_PATH", raising=False)
     with pytest.raises(SystemExit):
         T.main(["--help"])
-    text = capsys.readouterr().out
-    for option in ("--threshold-rule", "--target-tpr", "--update-readme", "--tracker", "--run-id"):
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines at the terminal width
+    for option in ("--threshold-rule", "--target-tpr", "--tracker", "--run-id", "--model-path"):
         assert option in text
-    assert "(default: none)" in text and "(default: README.md)" in text
+    assert "(default: none)" in text and "(default: metadata/models/model.pth)" in text
+    assert "--update-readme" not in text  # the README is written by hand now
+
+
+def test_model_path_defaults_to_the_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    assert T.build_parser().parse_args([]).model_path == "metadata/models/model.pth"
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path / "cats.pth"))
+    assert T.build_parser().parse_args([]).model_path == str(tmp_path / "cats.pth")
+    assert T.main([]) == 2  # and it is the file test.py reads
+    assert f"no model file at {tmp_path / 'cats.pth'}" in capsys.readouterr().err
