@@ -1,6 +1,6 @@
 """REST API for programs: predictions, health and model metadata over HTTP (FastAPI + uvicorn).
 
-    python source/serve.py                                  # http://127.0.0.1:8000, docs at /docs
+    python source/serve.py              # http://127.0.0.1:8000, docs at /docs and /redoc (offline)
     python source/serve.py --host 0.0.0.0 --port 8080 --model-path m.pth
 
     curl -F files=@photo.jpg 'http://127.0.0.1:8000/predict?topk=3'
@@ -12,7 +12,9 @@ the decision and the top-k classes with probabilities. An image that cannot be r
 `error` entry while the others are still classified; when no upload is a readable image the
 answer is 400 with the reason for each file. Requests larger than --max-upload-mb get 413.
 The model is loaded once at start-up. MODEL_PATH and MAX_UPLOAD_MB are read from the
-environment when the options are not given.
+environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
+from this server (the fastapi-offline package ships them), never from a CDN, so they work
+offline and on air-gapped clusters.
 """
 
 from __future__ import annotations
@@ -24,17 +26,81 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from checkpoint import CheckpointError
-from predict import DEFAULT_MODEL_PATH, Predictor
+from cli import HelpFormatter, default_model_path
+from predict import Predictor
 
 API_VERSION = "1"
 DEFAULT_MAX_UPLOAD_MB = 10.0
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI, ReDoc, favicon
+DOCS_ASSETS_URL = "/docs-assets"
 log = logging.getLogger("serve")
+
+
+# ---- the answers, as the OpenAPI schema shows them -------------------------------------------
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), populate_by_name=True)
+
+
+class ClassProbability(Schema):
+    class_: str = Field(alias="class", description="class name")
+    probability: float
+
+
+class ImagePrediction(Schema):
+    source: str = Field(description="the uploaded file's name (upload[i] when it has none)")
+    predicted: str | None = Field(description="the decision; null when the image failed")
+    probability: float | None = Field(description="probability of `predicted`")
+    topk: list[ClassProbability] = Field(description="best first; empty when the image failed")
+    error: str | None = Field(description="why this image could not be classified")
+
+
+class PredictResponse(Schema):
+    classes: list[str] = Field(description="every class the model knows, in its order")
+    threshold: float | None = Field(description="binary models: the decision threshold")
+    predictions: list[ImagePrediction] = Field(description="one per uploaded file, in order")
+
+
+class Health(Schema):
+    status: str = Field(examples=["ok"])
+    model_path: str
+
+
+class Metadata(Schema):
+    api_version: str
+    model_path: str
+    backend: str = Field(description="torch or onnx")
+    num_classes: int
+    classes: list[str]
+    image_size: int = Field(description="pixels; inputs are resized and cropped to it")
+    mean: list[float]
+    std: list[float]
+    num_parameters: int
+    threshold: float | None
+    metrics: dict = Field(description="the metrics stored at training, per split")
+    provenance: dict = Field(description="when and from which commit the model was trained")
+    config: dict = Field(description="the training config")
+
+
+class Problem(Schema):
+    detail: str = Field(description="what was wrong, in one sentence")
+
+
+ERRORS = {
+    400: {"model": Problem, "description": "no readable image, or a malformed request"},
+    413: {"model": Problem, "description": "request body over --max-upload-mb"},
+}
 
 
 class BodySizeLimit:
@@ -92,7 +158,7 @@ def create_app(
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
     when the app starts (FastAPI lifespan; TestClient as a context manager runs it)."""
-    model_path = Path(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH)
+    model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
 
@@ -111,8 +177,11 @@ def create_app(
         version=API_VERSION,
         description="Top-k predictions of a Vision Transformer checkpoint.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files instead of a CDN
+        redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    add_offline_docs(app)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -123,17 +192,17 @@ def create_app(
         ]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     def health(request: Request) -> dict:
         predictor: Predictor = request.app.state.predictor
         return {"status": "ok", "model_path": str(predictor.model_path)}
 
-    @app.get("/metadata")
+    @app.get("/metadata", response_model=Metadata)
     def metadata(request: Request) -> dict:
         predictor: Predictor = request.app.state.predictor
         return {"api_version": API_VERSION, **predictor.metadata()}
 
-    @app.post("/predict")
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
     def predict(
         request: Request,
         files: list[UploadFile] | None = File(None, description="one or more images"),
@@ -157,11 +226,50 @@ def create_app(
             "predictions": [p.as_dict() for p in predictions],
         }
 
+    app.openapi = lambda: openapi_without_422(app)
     return app
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs and /redoc from the assets installed with fastapi-offline (FastAPI's self-hosted
+    docs recipe); the pages name no other host, not even Google Fonts."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI's schema, less the 422 it documents on every route with parameters: this API
+    answers a malformed request with 400 (see `bad_request`), which ERRORS documents."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument(
-        "--model-path",
-        default=os.environ.get("MODEL_PATH", DEFAULT_MODEL_PATH),
-        help="checkpoint (env MODEL_PATH)",
+        "--model-path", default=default_model_path(), help="checkpoint (env MODEL_PATH)"
     )
     parser.add_argument(
         "--max-upload-mb",

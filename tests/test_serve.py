@@ -169,3 +169,65 @@ def test_serving_benchmark_quick(smoke_model, tmp_path):
     assert "| API one image, p50 (target < 20 ms) |" in text
     assert "| Predictor, batches of 32 |" in text
     assert "images/s" in text and "x (" in text
+
+
+# ---- the documentation pages and the OpenAPI schema ---------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_every_asset_from_this_server(client, page):
+    """Offline and air-gapped: every script, stylesheet and image the page names is local and
+    answers; no CDN (jsdelivr), no Google Fonts."""
+    import re
+
+    response = client.get(page)
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    html = response.text
+    urls = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)["\']', html)
+    urls += re.findall(r"""url\s*:\s*["']([^"']+)["']""", html)  # Swagger UI's openapi url
+    assert urls, html
+    assert not [u for u in urls if "//" in u], urls  # no absolute URL to another host
+    assert "cdn.jsdelivr" not in html and "fonts.googleapis" not in html
+    scripts = [u for u in urls if u.endswith(".js")]
+    assert scripts, urls
+    for url in urls:
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        if url.endswith(".js"):
+            assert "javascript" in asset.headers["content-type"] and len(asset.content) > 100_000
+        if url.endswith(".css"):
+            assert "text/css" in asset.headers["content-type"]
+
+
+def test_openapi_schema_shows_the_response_fields(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def response_schema(path, method, code="200"):
+        content = schema["paths"][path][method]["responses"][code]["content"]
+        ref = content["application/json"]["schema"]["$ref"]
+        return components[ref.rsplit("/", 1)[-1]]
+
+    predict = response_schema("/predict", "post")
+    assert set(predict["properties"]) == {"classes", "threshold", "predictions"}
+    item = components["ImagePrediction"]
+    assert set(item["properties"]) == {"source", "predicted", "probability", "topk", "error"}
+    assert set(components["ClassProbability"]["properties"]) == {"class", "probability"}
+    assert set(response_schema("/health", "get")["properties"]) == {"status", "model_path"}
+    meta = response_schema("/metadata", "get")["properties"]
+    assert {"api_version", "classes", "image_size", "num_parameters", "metrics"} <= set(meta)
+    assert meta["image_size"]["type"] == "integer"
+
+
+def test_documented_error_codes_are_the_ones_the_api_answers(client):
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"]["/predict"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "413"}
+    assert "422" not in json.dumps(schema) and "HTTPValidationError" not in json.dumps(schema)
+    problem = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert problem.endswith("/Problem")
+    # what the schema promises is what comes back
+    bad = client.post("/predict?topk=0", files={"files": ("a.png", png(), "image/png")})
+    assert bad.status_code == 400 and set(bad.json()) == {"detail"}
+    for path in ("/health", "/metadata"):
+        assert set(schema["paths"][path]["get"]["responses"]) == {"200"}
