@@ -45,16 +45,16 @@ def sample_images() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
 
 
-def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0):
-    """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200.
-    The caller stops it with stop_server (in a finally)."""
+def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, extra=()):
+    """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200;
+    `extra`: more serve.py options. The caller stops it with stop_server (in a finally)."""
     import httpx
 
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "source" / "serve.py"), "--host", "127.0.0.1",
          "--port", str(port), "--model-path", str(model_path), "--device", "cpu",
-         "--threads", str(threads), "--log-level", "warning"],
+         "--threads", str(threads), "--log-level", "warning", *extra],
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,11 +6,15 @@
     curl -F files=@photo.jpg 'http://127.0.0.1:8000/predict?topk=3'
     curl http://127.0.0.1:8000/health
     curl http://127.0.0.1:8000/metadata
+    curl http://127.0.0.1:8000/metrics                      # Prometheus text format
 
 POST /predict takes one or more images as multipart field `files` and returns, for each,
 the decision and the top-k classes with probabilities. An image that cannot be read gets an
 `error` entry while the others are still classified; when no upload is a readable image the
 answer is 400 with the reason for each file. Requests larger than --max-upload-mb get 413.
+Concurrent requests share forward passes (batching.py): up to --max-batch images, waiting at
+most --max-wait-ms for more; past --max-queue waiting requests the answer is 503 with
+Retry-After. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
 The model is loaded once at start-up. MODEL_PATH and MAX_UPLOAD_MB are read from the
 environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
 from this server (the fastapi-offline package ships them), never from a CDN, so they work
@@ -30,17 +34,21 @@ import fastapi_offline
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from batching import Batcher, QueueFull
 from checkpoint import CheckpointError
 from cli import HelpFormatter, default_model_path
 from predict import Predictor
 
 API_VERSION = "1"
 DEFAULT_MAX_UPLOAD_MB = 10.0
+DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_QUEUE = 256
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI, ReDoc, favicon
 DOCS_ASSETS_URL = "/docs-assets"
 log = logging.getLogger("serve")
@@ -100,7 +108,73 @@ class Problem(Schema):
 ERRORS = {
     400: {"model": Problem, "description": "no readable image, or a malformed request"},
     413: {"model": Problem, "description": "request body over --max-upload-mb"},
+    503: {"model": Problem, "description": "the queue is full (--max-queue); see Retry-After"},
 }
+
+
+class ApiMetrics:
+    """The Prometheus metrics of one app (its own registry, so several apps can coexist), and
+    the ASGI middleware that counts every request by endpoint and status."""
+
+    ENDPOINTS = ("/predict", "/health", "/metadata", "/metrics")
+
+    def __init__(self):
+        import prometheus_client as prom
+
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        kw = {"registry": self.registry}
+        self.requests = prom.Counter(
+            "vit_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], **kw
+        )
+        self.latency = prom.Histogram(
+            "vit_request_latency_seconds", "time to answer, by endpoint", ["endpoint"], **kw,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
+        self.batch_size = prom.Histogram(
+            "vit_batch_size", "images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), **kw
+        )
+        self.queue_depth = prom.Gauge("vit_queue_depth", "requests waiting for the model", **kw)
+        self.model = prom.Info("vit_model", "the model being served", **kw)
+
+    def describe(self, predictor: Predictor, batcher: Batcher) -> None:
+        prov = predictor.checkpoint.get("provenance", {})
+        self.model.info(
+            {
+                "model_path": str(predictor.model_path),
+                "created": str(prov.get("created", "")),
+                "git_commit": str(prov.get("git_commit") or ""),
+                "backend": predictor.backend,
+                "api_version": API_VERSION,
+            }
+        )
+        self.queue_depth.set_function(lambda: batcher.depth)
+
+    def render(self) -> Response:
+        return Response(
+            self.prom.generate_latest(self.registry), media_type=self.prom.CONTENT_TYPE_LATEST
+        )
+
+    def middleware(self, app):
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            path = scope["path"]
+            endpoint = path if path in self.ENDPOINTS else "other"
+            status = {"code": 500}
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            with self.latency.labels(endpoint).time():
+                try:
+                    await app(scope, receive, send_status)
+                finally:
+                    self.requests.labels(endpoint, str(status["code"])).inc()
+
+        return counted
 
 
 class BodySizeLimit:
@@ -155,12 +229,18 @@ def create_app(
     *,
     max_upload_bytes: int | None = None,
     device: str = "auto",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
-    when the app starts (FastAPI lifespan; TestClient as a context manager runs it)."""
+    when the app starts (FastAPI lifespan; TestClient as a context manager runs it), with
+    its request batcher (max_batch=1: one request a forward pass)."""
     model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
+
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,8 +249,16 @@ def create_app(
         except CheckpointError as err:
             log.error("cannot serve: %s", err)
             raise
-        log.info("serving %s (%d classes)", model_path, len(app.state.predictor.classes))
+        predictor = app.state.predictor
+        app.state.batcher = Batcher(
+            predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            on_batch=metrics.batch_size.observe,
+        )  # fmt: skip
+        metrics.describe(predictor, app.state.batcher)
+        app.state.batcher.start()
+        log.info("serving %s (%d classes)", model_path, len(predictor.classes))
         yield
+        app.state.batcher.stop()
 
     app = FastAPI(
         title="ViT image classifier",
@@ -181,6 +269,7 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(metrics.middleware)  # outermost: it also counts the 413s
     add_offline_docs(app)
 
     @app.exception_handler(RequestValidationError)
@@ -213,9 +302,14 @@ def create_app(
             raise HTTPException(
                 400, "no image uploaded; send images as multipart form field 'files'"
             )
-        # A sync endpoint runs in FastAPI's thread pool, so the model never blocks the loop.
+        # A sync endpoint runs in FastAPI's thread pool: it decodes its images and waits for
+        # the model worker, which never blocks the event loop.
         items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
-        predictions = predictor.predict(items, topk=topk)
+        try:
+            predictions = request.app.state.batcher.predict(items, topk=topk)
+        except QueueFull as err:
+            headers = {"Retry-After": str(err.retry_after)}
+            raise HTTPException(503, str(err), headers=headers) from None
         if all(not p.ok for p in predictions):
             raise HTTPException(
                 400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"
@@ -225,6 +319,11 @@ def create_app(
             "threshold": predictor.threshold,
             "predictions": [p.as_dict() for p in predictions],
         }
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, latency, batch sizes, queue depth, model."""
+        return metrics.render()
 
     app.openapi = lambda: openapi_without_422(app)
     return app
@@ -287,6 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="most images in one forward pass (1: no batching)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_MS,
+        help="longest wait for more requests to batch, after the first (only while others "
+        "are still arriving)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+        help="requests that may wait for the model; past it they get 503 with Retry-After",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -303,6 +419,10 @@ def main(argv=None) -> int:
     except ValueError as err:  # a non-numeric MAX_UPLOAD_MB in the environment
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
+        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if not Path(args.model_path).is_file():
         print(
             f"error: no model file at {args.model_path}; train one with `make all` or pass "
@@ -317,8 +437,9 @@ def main(argv=None) -> int:
     set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(
-        args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device
-    )
+        args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+    )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
