@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -224,6 +224,66 @@ def max_upload_bytes_from_env() -> int:
         raise ValueError(f"MAX_UPLOAD_MB={value!r} is not a number of megabytes") from None
 
 
+# ---- the routes (the app's state holds the predictor, the batcher and the metrics) ------------
+
+router = APIRouter()
+
+
+async def bad_request(request: Request, exc: RequestValidationError):
+    # FastAPI answers 422 by default; a malformed request is the client's error: 400.
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    return {"status": "ok", "model_path": str(predictor.model_path)}
+
+
+@router.get("/metadata", response_model=Metadata)
+def metadata(request: Request) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    return {"api_version": API_VERSION, **predictor.metadata()}
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
+def predict(
+    request: Request,
+    files: list[UploadFile] | None = File(None, description="one or more images"),
+    topk: int = Query(5, ge=1, description="classes to return per image"),
+) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    if not files:
+        raise HTTPException(400, "no image uploaded; send images as multipart form field 'files'")
+    # A sync endpoint runs in FastAPI's thread pool: it decodes its images and waits for
+    # the model worker, which never blocks the event loop.
+    items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
+    try:
+        predictions = request.app.state.batcher.predict(items, topk=topk)
+    except QueueFull as err:
+        headers = {"Retry-After": str(err.retry_after)}
+        raise HTTPException(503, str(err), headers=headers) from None
+    if all(not p.ok for p in predictions):
+        raise HTTPException(
+            400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"
+        )
+    return {
+        "classes": predictor.classes,
+        "threshold": predictor.threshold,
+        "predictions": [p.as_dict() for p in predictions],
+    }
+
+
+@router.get("/metrics", response_class=Response)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format: requests, latency, batch sizes, queue depth, model."""
+    return request.app.state.metrics.render()
+
+
 def create_app(
     model_path: str | Path | None = None,
     *,
@@ -272,59 +332,9 @@ def create_app(
     app.add_middleware(metrics.middleware)  # outermost: it also counts the 413s
     add_offline_docs(app)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        # FastAPI answers 422 by default; a malformed request is the client's error: 400.
-        problems = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
-
-    @app.get("/health", response_model=Health)
-    def health(request: Request) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        return {"status": "ok", "model_path": str(predictor.model_path)}
-
-    @app.get("/metadata", response_model=Metadata)
-    def metadata(request: Request) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        return {"api_version": API_VERSION, **predictor.metadata()}
-
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
-    def predict(
-        request: Request,
-        files: list[UploadFile] | None = File(None, description="one or more images"),
-        topk: int = Query(5, ge=1, description="classes to return per image"),
-    ) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        if not files:
-            raise HTTPException(
-                400, "no image uploaded; send images as multipart form field 'files'"
-            )
-        # A sync endpoint runs in FastAPI's thread pool: it decodes its images and waits for
-        # the model worker, which never blocks the event loop.
-        items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
-        try:
-            predictions = request.app.state.batcher.predict(items, topk=topk)
-        except QueueFull as err:
-            headers = {"Retry-After": str(err.retry_after)}
-            raise HTTPException(503, str(err), headers=headers) from None
-        if all(not p.ok for p in predictions):
-            raise HTTPException(
-                400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"
-            )
-        return {
-            "classes": predictor.classes,
-            "threshold": predictor.threshold,
-            "predictions": [p.as_dict() for p in predictions],
-        }
-
-    @app.get("/metrics", response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Prometheus text format: requests, latency, batch sizes, queue depth, model."""
-        return metrics.render()
-
+    app.state.metrics = metrics
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.include_router(router)
     app.openapi = lambda: openapi_without_422(app)
     return app
 
