@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "source"))
+
+from cli import HelpFormatter  # noqa: E402
+
 SAMPLES_DIR = ROOT / "assets" / "samples"
 PREDICTION_KEYS = {"source", "predicted", "probability", "topk", "error"}
 
@@ -229,10 +233,6 @@ def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], wa
     if result.errors:
         lines += ["First errors:", "", *[f"- {e}" for e in result.errors[:10]], ""]
     return "\n".join(lines)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
