@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "source"))
+
+from cli import HelpFormatter  # noqa: E402
+
 SAMPLES_DIR = ROOT / "assets" / "samples"
 PREDICTION_KEYS = {"source", "predicted", "probability", "topk", "error"}
 
@@ -45,16 +49,16 @@ def sample_images() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
 
 
-def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0):
-    """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200.
-    The caller stops it with stop_server (in a finally)."""
+def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, extra=()):
+    """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200;
+    `extra`: more serve.py options. The caller stops it with stop_server (in a finally)."""
     import httpx
 
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "source" / "serve.py"), "--host", "127.0.0.1",
          "--port", str(port), "--model-path", str(model_path), "--device", "cpu",
-         "--threads", str(threads), "--log-level", "warning"],
+         "--threads", str(threads), "--log-level", "warning", *extra],
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -229,10 +233,6 @@ def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], wa
     if result.errors:
         lines += ["First errors:", "", *[f"- {e}" for e in result.errors[:10]], ""]
     return "\n".join(lines)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:

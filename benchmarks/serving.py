@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "source"))
 
+from cli import HelpFormatter  # noqa: E402
+
 TARGET_P50_MS = 20.0
 TARGET_BATCH_SPEEDUP = 5.0
 
@@ -170,10 +172,6 @@ def report(args, argv, info, cpus, runs: list[dict], warmup: int) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
 
 
 def main(argv=None) -> int:

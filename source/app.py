@@ -1,7 +1,12 @@
 """The Streamlit app: upload images, see the top-5 classes and the model's attention.
 
-    streamlit run source/app.py                                   # metadata/models/model.pth
+    streamlit run app.py                                          # metadata/models/model.pth
+    streamlit run source/app.py                                   # the same app
     MODEL_PATH=path/to/model.pth streamlit run source/app.py --server.port 8502
+
+Its settings (10 MB uploads, headless, no usage statistics) are in .streamlit/config.toml,
+which streamlit finds from the repository root and, through source/.streamlit (a link to it),
+from source/ or any other working directory.
 
 Everything about the model (classes, preprocessing, threshold, metrics) is read from the
 checkpoint; predictions come from predict.Predictor and attention overlays from
@@ -12,17 +17,21 @@ own /_stcore/health is the health endpoint.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 from pathlib import Path
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from attention_viz import overlay
+import attention_viz
 from checkpoint import CheckpointError
-from predict import DEFAULT_MODEL_PATH, Prediction, Predictor, to_csv
+from cli import DEFAULT_MODEL_PATH
+from predict import Prediction, Predictor, to_csv
 from preprocessing import ImageError, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +39,16 @@ SAMPLES_DIR = ROOT / "assets" / "samples"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 TOPK = 5
 DISPLAY_PX = 192  # small images (16 px digits) are enlarged to about this for display
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "ece")
+METRIC_NAMES = {  # checkpoint key -> what the model panel calls it
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "f1_macro": "F1 (macro)",
+    "roc_auc": "ROC AUC",
+    "log_loss": "Log loss",
+    "ece": "ECE (calibration error)",
+}
+LOW_CONFIDENCE = 0.5  # below this, a prediction is flagged as a guess
+API_URL = os.environ.get("API_URL", "http://127.0.0.1:8000")  # where serve.py answers
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
@@ -64,15 +82,14 @@ def model_panel(predictor: Predictor) -> None:
         with st.expander(f"Classes ({info['num_classes']})"):
             st.write(names)
     rows = {
-        split: {k: v for k, v in values.items() if k in METRIC_KEYS}
+        split: {METRIC_NAMES[k]: v for k, v in values.items() if k in METRIC_NAMES}
         for split, values in info["metrics"].items()
         if isinstance(values, dict)
     }
     if rows:
         st.caption("Metrics stored at training")
-        table = pd.DataFrame(rows).reindex(
-            [k for k in METRIC_KEYS if any(k in r for r in rows.values())]
-        )
+        shown = [n for n in METRIC_NAMES.values() if any(n in r for r in rows.values())]
+        table = pd.DataFrame(rows).reindex(shown)
         st.dataframe(table.style.format("{:.4f}", na_rep="-"), width="stretch")
     prov = info["provenance"]
     trained = prov.get("created", "unknown")
@@ -103,23 +120,51 @@ def probability_chart(prediction: Prediction) -> alt.Chart:
     )
 
 
-def show_prediction(prediction: Prediction, data: bytes, predictor: Predictor, threshold) -> None:
+def draw_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float) -> Image.Image:
+    """attention_viz.overlay, with the opacity when its version takes one."""
+    if "alpha" in inspect.signature(attention_viz.overlay).parameters:
+        return attention_viz.overlay(image, heatmap, alpha=alpha)
+    return attention_viz.overlay(image, heatmap)
+
+
+def with_legend(picture: Image.Image) -> Image.Image:
+    """The overlay with its colour scale below it (low attention left, high right), drawn by
+    attention_viz.overlay itself at full opacity, so the scale always matches the colours."""
+    width = picture.width
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (width, 1))  # (W, W)
+    scale = np.asarray(draw_overlay(Image.new("RGB", (width, width)), ramp, alpha=1.0))[0]
+    bar = max(6, picture.height // 16)
+    out = Image.new("RGB", (width, picture.height + 4 + bar), "white")
+    out.paste(picture, (0, 0))
+    out.paste(Image.fromarray(np.tile(scale[None], (bar, 1, 1))), (0, picture.height + 4))
+    return out
+
+
+def show_pictures(column, prediction: Prediction, data: bytes, opacity: float) -> None:
+    try:
+        image = decode_image(data)
+    except ImageError:  # cannot happen after a successful prediction; keep the rest
+        return
+    column.image(enlarge(image), caption=prediction.source)
+    if prediction.heatmap is not None:
+        # Drawn on the enlarged image, so the heatmap is smooth rather than blocky.
+        shown = draw_overlay(enlarge(image), prediction.heatmap, opacity)
+        column.image(with_legend(shown), caption="attention (rollout)")
+        column.caption("Colour bar: low attention (left) to high (right)")
+
+
+def show_prediction(
+    prediction: Prediction, data: bytes, predictor: Predictor, threshold, opacity: float = 0.5
+) -> None:
     with st.container(border=True):
-        if not prediction.ok:
-            st.error(f"**{prediction.source}**: {prediction.error}")
-            return
         pictures, chart, table = st.columns([1, 1.4, 1])
-        try:
-            image = decode_image(data)
-        except ImageError:  # cannot happen after a successful prediction; keep the rest
-            image = None
-        if image is not None:
-            pictures.image(enlarge(image), caption=prediction.source)
-            if prediction.heatmap is not None:
-                # Drawn on the enlarged image, so the heatmap is smooth rather than blocky.
-                shown = overlay(enlarge(image), prediction.heatmap)
-                pictures.image(shown, caption="attention (rollout)")
+        show_pictures(pictures, prediction, data, opacity)
         chart.markdown(f"**Prediction: {prediction.predicted}** ({prediction.probability:.1%})")
+        if prediction.probability < LOW_CONFIDENCE:
+            chart.caption(
+                f":orange[**Low confidence**]: under {LOW_CONFIDENCE:.0%}, this is a guess; "
+                "the classes below are close"
+            )
         if predictor.binary and threshold is not None:
             positive = predictor.classes[1]
             chart.caption(
@@ -132,6 +177,25 @@ def show_prediction(prediction: Prediction, data: bytes, predictor: Predictor, t
         table.dataframe(rows.style.format({"probability": "{:.4f}"}), width="stretch")
 
 
+def fits_examples(predictor: Predictor, names: list[str]) -> bool:
+    """The bundled examples are digits from the embedded dataset: offered only to a model
+    trained on it (its classes alone would also match an MNIST model, at another size)."""
+    labels = {n.removeprefix("digit-").removesuffix(".png") for n in names}
+    data = predictor.checkpoint.get("config", {}).get("data")
+    return data == "digits" and labels <= set(predictor.classes)
+
+
+def unique(inputs: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The same file uploaded again (same bytes) is shown once."""
+    seen, kept = set(), []
+    for name, data in inputs:
+        digest = hashlib.sha256(data).digest()
+        if digest not in seen:
+            seen.add(digest)
+            kept.append((name, data))
+    return kept
+
+
 def gather_inputs(predictor: Predictor) -> list[tuple[str, bytes]]:
     uploads = st.file_uploader(
         "Upload images",
@@ -140,20 +204,80 @@ def gather_inputs(predictor: Predictor) -> list[tuple[str, bytes]]:
         help="jpg, jpeg, png, webp or bmp; several at once",
     )
     if uploads:
-        return [(f.name, f.getvalue()) for f in uploads]
+        inputs = [(f.name, f.getvalue()) for f in uploads]
+        kept = unique(inputs)
+        if len(kept) < len(inputs):
+            st.caption(f"{len(inputs) - len(kept)} repeated upload(s) shown once.")
+        return kept
     samples = sorted(SAMPLES_DIR.glob("*.png")) if SAMPLES_DIR.is_dir() else []
-    if not samples:
+    names = [p.name for p in samples]
+    if not samples or not fits_examples(predictor, names):
         st.info("Upload one or more images to classify them.")
         return []
-    names = [p.name for p in samples]
-    # Preselect a few only when the examples are of this model's classes (digits).
-    fits = [n for n in names if n.removeprefix("digit-").removesuffix(".png") in predictor.classes]
     chosen = st.multiselect(
         "...or try example images (digits from the test split of the default dataset)",
         names,
-        default=fits[:3],
+        default=names[:3],
     )
     return [(name, (SAMPLES_DIR / name).read_bytes()) for name in chosen]
+
+
+def api_snippet(model_path: Path) -> None:
+    """How a program gets the same answers: serve.py with this model, then curl."""
+    with st.expander("Use via the API"):
+        st.markdown("Start the REST API with this model (from the repository root):")
+        st.code(f"MODEL_PATH={model_path} python source/serve.py --port 8000", language="bash")
+        st.markdown(f"then send images to it (docs at {API_URL}/docs):")
+        st.code(f"curl -F files=@photo.jpg '{API_URL}/predict?topk={TOPK}'", language="bash")
+
+
+def show_results(inputs, predictions: list[Prediction], predictor: Predictor, threshold, opacity):
+    good = sum(p.ok for p in predictions)
+    k = min(TOPK, len(predictor.classes))
+    summary, download = st.columns([3, 1])
+    summary.markdown(f"{good} of {len(predictions)} image(s) classified.")
+    download.download_button(
+        "Download predictions (CSV)",
+        to_csv(predictions, topk=k),
+        file_name="predictions.csv",
+        mime="text/csv",
+    )
+    for prediction in predictions:  # the files that failed first, where they are seen
+        if not prediction.ok:
+            st.error(f"**{prediction.source}**: {prediction.error}")
+    for prediction, (_, data) in zip(predictions, inputs, strict=True):
+        if prediction.ok:
+            show_prediction(prediction, data, predictor, threshold, opacity)
+
+
+def settings(predictor: Predictor) -> tuple[bool, float, float | None]:
+    """The sidebar's controls: attention overlay and its opacity, the binary threshold."""
+    st.header("Settings")
+    attention = st.toggle("Show attention overlay", value=False)
+    opacity = 0.5
+    if attention:
+        opacity = st.slider(
+            "Overlay opacity",
+            min_value=0.0,
+            max_value=1.0,
+            value=0.5,
+            step=0.05,
+            help="0: the image alone; 1: the attention colours alone",
+        )
+    threshold = None
+    if predictor.binary:
+        positive = predictor.classes[1]
+        threshold = st.slider(
+            f"Decision threshold for '{positive}'",
+            min_value=0.0,
+            max_value=1.0,
+            value=float(predictor.threshold if predictor.threshold is not None else 0.5),
+            step=0.001,
+            format="%.3f",
+            help=f"An image is '{positive}' when its probability reaches the threshold; "
+            "it starts at the one chosen on the validation split.",
+        )
+    return attention, opacity, threshold
 
 
 def main() -> None:
@@ -177,22 +301,9 @@ def main() -> None:
         return
 
     with st.sidebar:
-        st.header("Settings")
-        attention = st.toggle("Show attention overlay", value=False)
-        threshold = None
-        if predictor.binary:
-            positive = predictor.classes[1]
-            threshold = st.slider(
-                f"Decision threshold for '{positive}'",
-                min_value=0.0,
-                max_value=1.0,
-                value=float(predictor.threshold if predictor.threshold is not None else 0.5),
-                step=0.001,
-                format="%.3f",
-                help=f"An image is '{positive}' when its probability reaches the threshold; "
-                "it starts at the one chosen on the validation split.",
-            )
+        attention, opacity, threshold = settings(predictor)
         model_panel(predictor)
+        api_snippet(model_path)
 
     inputs = gather_inputs(predictor)
     if not inputs:
@@ -203,18 +314,7 @@ def main() -> None:
         # e.g. attention on a model without attention weights (a CNN); plain still works
         st.warning(f"No attention overlay for this model ({err}).")
         predictions = predictor.predict(inputs, topk=TOPK, threshold=threshold)
-    good = sum(p.ok for p in predictions)
-    k = min(TOPK, len(predictor.classes))
-    summary, download = st.columns([3, 1])
-    summary.markdown(f"{good} of {len(predictions)} image(s) classified.")
-    download.download_button(
-        "Download predictions (CSV)",
-        to_csv(predictions, topk=k),
-        file_name="predictions.csv",
-        mime="text/csv",
-    )
-    for prediction, (_, data) in zip(predictions, inputs, strict=True):
-        show_prediction(prediction, data, predictor, threshold)
+    show_results(inputs, predictions, predictor, threshold, opacity)
 
 
 # Streamlit runs this file as __main__ on every interaction; importing it does nothing.

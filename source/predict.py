@@ -1,6 +1,6 @@
 """Classify images with a saved model: top-k classes and probabilities.
 
-    python source/predict.py photo.jpg                          # metadata/models/model.pth
+    python source/predict.py photo.jpg          # the model at $MODEL_PATH, else metadata/models/model.pth
     python source/predict.py images/ more.png --topk 3 --format csv > predictions.csv
     python source/predict.py images/ --format json --model-path m.pth --batch-size 128
 
@@ -13,6 +13,10 @@ In Python, `Predictor` loads the checkpoint once and rebuilds the preprocessing 
     predictor = Predictor("metadata/models/model.pth")
     [p] = predictor.predict("photo.jpg", topk=3)    # p.predicted, p.probability, p.topk, p.error
     predictions = predictor.predict(["a.png", pil_image, png_bytes, ("upload.png", data)])
+
+A prediction is three steps a request batcher can take apart: `prepare` (decode, preprocess,
+errors per input), `logits` (one forward pass: `TorchBackend` or the ONNX runner, the same
+`logits(batch)`), `finish` (softmax, the decision, the top-k).
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ from torchvision.transforms import v2
 
 import preprocessing as P
 from checkpoint import CheckpointError, load_model
+from cli import DEFAULT_MODEL_PATH, HelpFormatter, default_model_path, quiet_broken_pipe
 from metrics import binary_predictions
 from runtime import select_device
 from transformer import count_parameters
 
-DEFAULT_MODEL_PATH = "metadata/models/model.pth"
 BACKENDS = ("torch", "onnx")
 FORMATS = ("table", "csv", "json")
 
@@ -72,6 +76,18 @@ class Prediction:
         }
 
 
+def _folder_images(path: Path) -> list[Path]:
+    # Hidden files (.DS_Store, ._x.jpg) and non-image files (README, labels.csv) are not
+    # meant as inputs, so a folder yields only image files.
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in P.IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )
+
+
 def expand_inputs(inputs) -> list[tuple[str, object]]:
     """Inputs -> (source name, path | bytes | PIL image) pairs, folders expanded.
 
@@ -91,16 +107,7 @@ def expand_inputs(inputs) -> list[tuple[str, object]]:
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item)
             if path.is_dir():
-                # Hidden files (.DS_Store, ._x.jpg) and non-image files (README, labels.csv)
-                # are not meant as inputs, so a folder yields only image files.
-                files = sorted(
-                    f
-                    for f in path.rglob("*")
-                    if f.is_file()
-                    and f.suffix.lower() in P.IMAGE_EXTENSIONS
-                    and not any(part.startswith(".") for part in f.relative_to(path).parts)
-                )
-                items += [(str(f), f) for f in files]
+                items += [(str(f), f) for f in _folder_images(path)]
             else:
                 items.append((str(path), path))
         else:
@@ -119,11 +126,120 @@ def _reason(err: P.ImageError, source: str) -> str:
     return message
 
 
+# ---- preprocessing ---------------------------------------------------------------------------
+
+
+class Preprocess:
+    """The checkpoint's evaluation transform, split for batches: resize and crop run per image
+    (sizes differ); the float conversion and the normalisation are elementwise, so they run
+    once per batch: the same numbers, and a third of the per-image time on small images."""
+
+    def __init__(self, prep: dict):
+        self.image_size = int(prep["image_size"])
+        self.transform = P.eval_transform(self.image_size, prep["mean"], prep["std"])
+        steps = list(self.transform.transforms)
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), len(steps))
+        self.per_image, self.per_batch = v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> (B, 3, S, S) float32, exactly as eval_transform at evaluation."""
+        return self.batch([self.per_image(image) for image in images])
+
+    def batch(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        """per_image's (3, S, S) uint8 tensors -> (B, 3, S, S) float32."""
+        return self.per_batch(torch.stack(pixels)).numpy()
+
+    def load(self, name: str, data) -> tuple[Image.Image, torch.Tensor]:
+        """One input -> (RGB image, (3, S, S) uint8); P.ImageError or another error if it fails."""
+        if isinstance(data, Path) and not data.exists():
+            raise P.ImageError(f"{name}: no such file")
+        image = P.decode_image(data)
+        return image, self.per_image(image)
+
+
+@dataclass
+class Prepared:
+    """Inputs decoded and preprocessed: what a forward pass needs, and where its rows go."""
+
+    results: list[Prediction]  # one per input; the unreadable ones already carry their error
+    images: list[Image.Image]  # the readable inputs, in order
+    index: list[int]  # results[index[row]] is the row-th readable input
+    pixels: np.ndarray | None  # (len(index), 3, S, S) float32; None when nothing was readable
+
+
+# ---- backends: float32 NCHW in, logits out ---------------------------------------------------
+
+
+class TorchBackend:
+    """The checkpoint's PyTorch model on a device."""
+
+    def __init__(self, model: torch.nn.Module, device):
+        self.model, self.device = model, device
+
+    @torch.inference_mode()
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
+        return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def attention(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz's rollout."""
+        from attention_viz import attention_map
+
+        with torch.inference_mode():
+            logits, heatmaps = attention_map(self.model, torch.from_numpy(batch).to(self.device))
+        if isinstance(logits, torch.Tensor):
+            logits = logits.float().cpu().numpy()
+        if isinstance(heatmaps, torch.Tensor):
+            heatmaps = heatmaps.float().cpu().numpy()
+        return np.asarray(logits, dtype=np.float32), np.asarray(heatmaps, dtype=np.float32)
+
+
+def onnx_backend(path: Path, model_path: Path, classes: list[str]):
+    """The ONNX Runtime session for `path` (its `logits(batch)` is TorchBackend's), refused
+    when it was exported from another model."""
+    from export import OnnxRunner
+
+    runner = OnnxRunner(path)
+    if runner.classes != classes:
+        raise ValueError(
+            f"{runner.path} was exported from another model (its classes differ "
+            f"from {model_path}'s); export this checkpoint again"
+        )
+    return runner
+
+
+def fill_predictions(
+    results: list[Prediction], index: list[int], probs: np.ndarray, decisions, classes, topk: int
+) -> None:
+    """Write each row of probs (B, C) into results[index[row]]: the decision and the top-k."""
+    k = min(topk, len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for row, i in enumerate(index):
+        result = results[i]
+        result.probs = probs[row]
+        result.topk = [(classes[c], float(probs[row, c])) for c in order[row]]
+        result.predicted = classes[decisions[row]]
+        result.probability = float(probs[row, decisions[row]])
+
+
+def _plain(value):
+    """Tuples, numpy and torch scalars -> JSON types, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
 class Predictor:
     """A checkpoint loaded once; top-k predictions for images, in batches.
 
-    backend: "torch" (the model from the checkpoint). Other backends only need to replace
-    `logits`, the one method that runs the model.
+    backend: "torch" (the model from the checkpoint) or "onnx" (the ONNX export beside the
+    checkpoint, model.onnx, or the file onnx_path / $PREDICT_ONNX_PATH names, e.g.
+    model.int8.onnx); default $PREDICT_BACKEND, else torch. One setting for the CLI, the app
+    and the API.
     """
 
     def __init__(
@@ -135,9 +251,6 @@ class Predictor:
         batch_size: int = 64,
         onnx_path: str | Path | None = None,
     ):
-        # One setting for the CLI, the app and the API: PREDICT_BACKEND=onnx uses the ONNX
-        # export beside the checkpoint (model.onnx; `python source/export.py` writes it), or
-        # the file PREDICT_ONNX_PATH names (model.int8.onnx, say).
         backend = backend or os.environ.get("PREDICT_BACKEND", "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
@@ -149,53 +262,33 @@ class Predictor:
         self.device = select_device(device)
         self.model, self.checkpoint = load_model(self.model_path, self.device)
         self.classes: list[str] = list(self.checkpoint["classes"])
-        prep = self.checkpoint["preprocessing"]
-        self.image_size = int(prep["image_size"])
-        self.transform = P.eval_transform(self.image_size, prep["mean"], prep["std"])
-        # Resize and crop run per image (sizes differ); the float conversion and the
-        # normalisation are elementwise, so they run once per batch: the same numbers, and
-        # a third of the per-image preprocessing time on small images.
-        steps = list(self.transform.transforms)
-        cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), len(steps))
-        self._per_image, self._per_batch = v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+        self.preprocessing = Preprocess(self.checkpoint["preprocessing"])
+        self.image_size = self.preprocessing.image_size
         self.threshold: float | None = self.checkpoint.get("threshold")
         self.num_parameters = count_parameters(self.model)
-        self.runner = None
+        self.torch = TorchBackend(self.model, self.device)  # also draws attention maps
+        self.runner = None  # the ONNX Runtime session with backend="onnx"
         if backend == "onnx":
-            from export import OnnxRunner
-
             onnx_path = onnx_path or os.environ.get("PREDICT_ONNX_PATH")
-            self.runner = OnnxRunner(onnx_path or self.model_path.with_suffix(".onnx"))
-            if self.runner.classes != self.classes:
-                raise ValueError(
-                    f"{self.runner.path} was exported from another model (its classes differ "
-                    f"from {self.model_path}'s); export this checkpoint again"
-                )
+            path = Path(onnx_path or self.model_path.with_suffix(".onnx"))
+            self.runner = onnx_backend(path, self.model_path, self.classes)
+        self.engine = self.runner or self.torch  # whichever runs `logits`
 
     @property
     def binary(self) -> bool:
         return len(self.classes) == 2
 
-    # ---- the model call: float32 NCHW in, logits out ------------------------------------
-
-    @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
-        if self.runner is not None:
-            return self.runner.logits(batch)
-        x = torch.from_numpy(batch).to(self.device)
-        return self.model(x).float().cpu().numpy()
+        return self.engine.logits(batch)
 
-    # ---- preprocessing and prediction ----------------------------------------------------
+    def attention(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz (torch backend)."""
+        return self.torch.attention(batch)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> (3, S, S) float32, exactly as eval_transform at evaluation."""
-        return self.preprocess_batch([image])[0]
-
-    def preprocess_batch(self, images: list[Image.Image]) -> np.ndarray:
-        """RGB PIL images -> (B, 3, S, S) float32, exactly as eval_transform at evaluation."""
-        pixels = torch.stack([self._per_image(image) for image in images])  # (B, 3, S, S)
-        return self._per_batch(pixels).numpy()
+        return self.preprocessing([image])[0]
 
     def predict(
         self,
@@ -209,16 +302,8 @@ class Predictor:
         """One Prediction per input image, in order (folders expanded); never raises for a
         bad image. threshold overrides the stored one (binary models only). attention adds
         each image's rollout heatmap and overlay (NotImplementedError for a CNN)."""
-        results: list[Prediction] = []
-        for batch in self.iter_predict(
-            expand_inputs(inputs),
-            topk=topk,
-            attention=attention,
-            threshold=threshold,
-            batch_size=batch_size,
-        ):
-            results += batch
-        return results
+        options = dict(topk=topk, attention=attention, threshold=threshold, batch_size=batch_size)
+        return [p for batch in self.iter_predict(expand_inputs(inputs), **options) for p in batch]
 
     def iter_predict(
         self,
@@ -234,17 +319,22 @@ class Predictor:
             raise ValueError(f"topk must be at least 1, got {topk}")
         size = batch_size or self.batch_size
         for start in range(0, len(items), size):
-            yield self._predict_batch(items[start : start + size], topk, attention, threshold)
+            prepared = self.prepare(items[start : start + size])
+            if prepared.pixels is None:
+                yield prepared.results
+            elif attention:
+                logits, heatmaps = self.attention(prepared.pixels)
+                yield self.finish(prepared, logits, topk, threshold, heatmaps)
+            else:
+                yield self.finish(prepared, self.logits(prepared.pixels), topk, threshold)
 
-    def _predict_batch(self, items, topk: int, attention: bool, threshold) -> list[Prediction]:
+    def prepare(self, items: list[tuple[str, object]]) -> Prepared:
+        """Decode and preprocess (name, input) pairs; an unreadable one gets its error."""
         results = [Prediction(source=name) for name, _ in items]
         images, pixels, index = [], [], []
         for i, (name, data) in enumerate(items):
             try:
-                if isinstance(data, Path) and not data.exists():
-                    raise P.ImageError(f"{name}: no such file")
-                image = P.decode_image(data)
-                pixels.append(self._per_image(image))  # (3, S, S) uint8
+                image, tensor = self.preprocessing.load(name, data)
             except P.ImageError as err:
                 results[i].error = _reason(err, name)
                 continue
@@ -253,45 +343,32 @@ class Predictor:
                 results[i].error = f"cannot be classified ({err})"
                 continue
             images.append(image)
+            pixels.append(tensor)
             index.append(i)
-        if not index:
-            return results
-        batch = self._per_batch(torch.stack(pixels)).numpy()  # (B, 3, S, S) float32
-        heatmaps = None
-        if attention:
-            logits, heatmaps = self.attention(batch)
-        else:
-            logits = self.logits(batch)
+        batch = self.preprocessing.batch(pixels) if pixels else None
+        return Prepared(results, images, index, batch)
+
+    def finish(
+        self,
+        prepared: Prepared,
+        logits: np.ndarray,
+        topk: int = 5,
+        threshold: float | None = None,
+        heatmaps: np.ndarray | None = None,
+    ) -> list[Prediction]:
+        """prepared's results completed from the logits (one row per readable input)."""
         probs = softmax(logits.astype(np.float64), axis=1)  # (B, C)
         if threshold is None:
             threshold = self.threshold
         decisions = binary_predictions(probs, threshold if self.binary else None)
-        k = min(topk, len(self.classes))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        for row, i in enumerate(index):
-            result = results[i]
-            result.probs = probs[row]
-            result.topk = [(self.classes[c], float(probs[row, c])) for c in order[row]]
-            result.predicted = self.classes[decisions[row]]
-            result.probability = float(probs[row, decisions[row]])
-            if heatmaps is not None:
-                from attention_viz import overlay
+        fill_predictions(prepared.results, prepared.index, probs, decisions, self.classes, topk)
+        if heatmaps is not None:
+            from attention_viz import overlay
 
-                result.heatmap = heatmaps[row]
-                result.overlay = overlay(images[row], heatmaps[row])
-        return results
-
-    def attention(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz (torch backend)."""
-        from attention_viz import attention_map
-
-        with torch.inference_mode():
-            logits, heatmaps = attention_map(self.model, torch.from_numpy(batch).to(self.device))
-        if isinstance(logits, torch.Tensor):
-            logits = logits.float().cpu().numpy()
-        if isinstance(heatmaps, torch.Tensor):
-            heatmaps = heatmaps.float().cpu().numpy()
-        return np.asarray(logits, dtype=np.float32), np.asarray(heatmaps, dtype=np.float32)
+            for row, i in enumerate(prepared.index):
+                prepared.results[i].heatmap = heatmaps[row]
+                prepared.results[i].overlay = overlay(prepared.images[row], heatmaps[row])
+        return prepared.results
 
     def metadata(self) -> dict:
         """What the app's model panel and the API's /metadata show, JSON-ready."""
@@ -313,17 +390,6 @@ class Predictor:
                 "config": ckpt.get("config", {}),
             }
         )
-
-
-def _plain(value):
-    """Tuples, numpy and torch scalars -> JSON types, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
 
 
 # ---- output formats ------------------------------------------------------------------------
@@ -368,23 +434,17 @@ def to_table(predictions: Iterable[Prediction]) -> str:
 # ---- command line --------------------------------------------------------------------------
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="files or folders")
-    parser.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="checkpoint")
+    parser.add_argument(
+        "--model-path", default=default_model_path(), help="checkpoint (env MODEL_PATH)"
+    )
     parser.add_argument("--topk", type=int, default=5, help="classes to list per image")
     parser.add_argument("--format", default="table", choices=FORMATS, help="output format")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="binary models: decision threshold on the second class (None: the stored one)",
-    )
+    parser.add_argument("--threshold", type=float, help="binary models: decision threshold on "
+                        "the second class (None: the stored one)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument(
         "--backend",
@@ -435,4 +495,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))

@@ -1,18 +1,24 @@
 """REST API for programs: predictions, health and model metadata over HTTP (FastAPI + uvicorn).
 
-    python source/serve.py                                  # http://127.0.0.1:8000, docs at /docs
+    python source/serve.py              # http://127.0.0.1:8000, docs at /docs and /redoc (offline)
     python source/serve.py --host 0.0.0.0 --port 8080 --model-path m.pth
 
     curl -F files=@photo.jpg 'http://127.0.0.1:8000/predict?topk=3'
     curl http://127.0.0.1:8000/health
     curl http://127.0.0.1:8000/metadata
+    curl http://127.0.0.1:8000/metrics                      # Prometheus text format
 
 POST /predict takes one or more images as multipart field `files` and returns, for each,
 the decision and the top-k classes with probabilities. An image that cannot be read gets an
 `error` entry while the others are still classified; when no upload is a readable image the
 answer is 400 with the reason for each file. Requests larger than --max-upload-mb get 413.
+Concurrent requests share forward passes (batching.py): up to --max-batch images, waiting at
+most --max-wait-ms for more; past --max-queue waiting requests the answer is 503 with
+Retry-After. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
 The model is loaded once at start-up. MODEL_PATH and MAX_UPLOAD_MB are read from the
-environment when the options are not given.
+environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
+from this server (the fastapi-offline package ships them), never from a CDN, so they work
+offline and on air-gapped clusters.
 """
 
 from __future__ import annotations
@@ -24,17 +30,151 @@ import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+import fastapi_offline
+from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from batching import Batcher, QueueFull
 from checkpoint import CheckpointError
-from predict import DEFAULT_MODEL_PATH, Predictor
+from cli import HelpFormatter, default_model_path
+from predict import Predictor
 
 API_VERSION = "1"
 DEFAULT_MAX_UPLOAD_MB = 10.0
+DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_QUEUE = 256
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI, ReDoc, favicon
+DOCS_ASSETS_URL = "/docs-assets"
 log = logging.getLogger("serve")
+
+
+# ---- the answers, as the OpenAPI schema shows them -------------------------------------------
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), populate_by_name=True)
+
+
+class ClassProbability(Schema):
+    class_: str = Field(alias="class", description="class name")
+    probability: float
+
+
+class ImagePrediction(Schema):
+    source: str = Field(description="the uploaded file's name (upload[i] when it has none)")
+    predicted: str | None = Field(description="the decision; null when the image failed")
+    probability: float | None = Field(description="probability of `predicted`")
+    topk: list[ClassProbability] = Field(description="best first; empty when the image failed")
+    error: str | None = Field(description="why this image could not be classified")
+
+
+class PredictResponse(Schema):
+    classes: list[str] = Field(description="every class the model knows, in its order")
+    threshold: float | None = Field(description="binary models: the decision threshold")
+    predictions: list[ImagePrediction] = Field(description="one per uploaded file, in order")
+
+
+class Health(Schema):
+    status: str = Field(examples=["ok"])
+    model_path: str
+
+
+class Metadata(Schema):
+    api_version: str
+    model_path: str
+    backend: str = Field(description="torch or onnx")
+    num_classes: int
+    classes: list[str]
+    image_size: int = Field(description="pixels; inputs are resized and cropped to it")
+    mean: list[float]
+    std: list[float]
+    num_parameters: int
+    threshold: float | None
+    metrics: dict = Field(description="the metrics stored at training, per split")
+    provenance: dict = Field(description="when and from which commit the model was trained")
+    config: dict = Field(description="the training config")
+
+
+class Problem(Schema):
+    detail: str = Field(description="what was wrong, in one sentence")
+
+
+ERRORS = {
+    400: {"model": Problem, "description": "no readable image, or a malformed request"},
+    413: {"model": Problem, "description": "request body over --max-upload-mb"},
+    503: {"model": Problem, "description": "the queue is full (--max-queue); see Retry-After"},
+}
+
+
+class ApiMetrics:
+    """The Prometheus metrics of one app (its own registry, so several apps can coexist), and
+    the ASGI middleware that counts every request by endpoint and status."""
+
+    ENDPOINTS = ("/predict", "/health", "/metadata", "/metrics")
+
+    def __init__(self):
+        import prometheus_client as prom
+
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        kw = {"registry": self.registry}
+        self.requests = prom.Counter(
+            "vit_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], **kw
+        )
+        self.latency = prom.Histogram(
+            "vit_request_latency_seconds", "time to answer, by endpoint", ["endpoint"], **kw,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )  # fmt: skip
+        self.batch_size = prom.Histogram(
+            "vit_batch_size", "images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), **kw
+        )
+        self.queue_depth = prom.Gauge("vit_queue_depth", "requests waiting for the model", **kw)
+        self.model = prom.Info("vit_model", "the model being served", **kw)
+
+    def describe(self, predictor: Predictor, batcher: Batcher) -> None:
+        prov = predictor.checkpoint.get("provenance", {})
+        self.model.info(
+            {
+                "model_path": str(predictor.model_path),
+                "created": str(prov.get("created", "")),
+                "git_commit": str(prov.get("git_commit") or ""),
+                "backend": predictor.backend,
+                "api_version": API_VERSION,
+            }
+        )
+        self.queue_depth.set_function(lambda: batcher.depth)
+
+    def render(self) -> Response:
+        return Response(
+            self.prom.generate_latest(self.registry), media_type=self.prom.CONTENT_TYPE_LATEST
+        )
+
+    def middleware(self, app):
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            path = scope["path"]
+            endpoint = path if path in self.ENDPOINTS else "other"
+            status = {"code": 500}
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            with self.latency.labels(endpoint).time():
+                try:
+                    await app(scope, receive, send_status)
+                finally:
+                    self.requests.labels(endpoint, str(status["code"])).inc()
+
+        return counted
 
 
 class BodySizeLimit:
@@ -84,17 +224,83 @@ def max_upload_bytes_from_env() -> int:
         raise ValueError(f"MAX_UPLOAD_MB={value!r} is not a number of megabytes") from None
 
 
+# ---- the routes (the app's state holds the predictor, the batcher and the metrics) ------------
+
+router = APIRouter()
+
+
+async def bad_request(request: Request, exc: RequestValidationError):
+    # FastAPI answers 422 by default; a malformed request is the client's error: 400.
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    return {"status": "ok", "model_path": str(predictor.model_path)}
+
+
+@router.get("/metadata", response_model=Metadata)
+def metadata(request: Request) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    return {"api_version": API_VERSION, **predictor.metadata()}
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS)
+def predict(
+    request: Request,
+    files: list[UploadFile] | None = File(None, description="one or more images"),
+    topk: int = Query(5, ge=1, description="classes to return per image"),
+) -> dict:
+    predictor: Predictor = request.app.state.predictor
+    if not files:
+        raise HTTPException(400, "no image uploaded; send images as multipart form field 'files'")
+    # A sync endpoint runs in FastAPI's thread pool: it decodes its images and waits for
+    # the model worker, which never blocks the event loop.
+    items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
+    try:
+        predictions = request.app.state.batcher.predict(items, topk=topk)
+    except QueueFull as err:
+        headers = {"Retry-After": str(err.retry_after)}
+        raise HTTPException(503, str(err), headers=headers) from None
+    if all(not p.ok for p in predictions):
+        raise HTTPException(
+            400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"
+        )
+    return {
+        "classes": predictor.classes,
+        "threshold": predictor.threshold,
+        "predictions": [p.as_dict() for p in predictions],
+    }
+
+
+@router.get("/metrics", response_class=Response)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format: requests, latency, batch sizes, queue depth, model."""
+    return request.app.state.metrics.render()
+
+
 def create_app(
     model_path: str | Path | None = None,
     *,
     max_upload_bytes: int | None = None,
     device: str = "auto",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
-    when the app starts (FastAPI lifespan; TestClient as a context manager runs it)."""
-    model_path = Path(model_path or os.environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH)
+    when the app starts (FastAPI lifespan; TestClient as a context manager runs it), with
+    its request batcher (max_batch=1: one request a forward pass)."""
+    model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
+
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,65 +309,76 @@ def create_app(
         except CheckpointError as err:
             log.error("cannot serve: %s", err)
             raise
-        log.info("serving %s (%d classes)", model_path, len(app.state.predictor.classes))
+        predictor = app.state.predictor
+        app.state.batcher = Batcher(
+            predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+            on_batch=metrics.batch_size.observe,
+        )  # fmt: skip
+        metrics.describe(predictor, app.state.batcher)
+        app.state.batcher.start()
+        log.info("serving %s (%d classes)", model_path, len(predictor.classes))
         yield
+        app.state.batcher.stop()
 
     app = FastAPI(
         title="ViT image classifier",
         version=API_VERSION,
         description="Top-k predictions of a Vision Transformer checkpoint.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files instead of a CDN
+        redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(metrics.middleware)  # outermost: it also counts the 413s
+    add_offline_docs(app)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        # FastAPI answers 422 by default; a malformed request is the client's error: 400.
-        problems = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-            for e in exc.errors()
-        ]
-        return JSONResponse({"detail": "; ".join(problems)}, status_code=400)
-
-    @app.get("/health")
-    def health(request: Request) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        return {"status": "ok", "model_path": str(predictor.model_path)}
-
-    @app.get("/metadata")
-    def metadata(request: Request) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        return {"api_version": API_VERSION, **predictor.metadata()}
-
-    @app.post("/predict")
-    def predict(
-        request: Request,
-        files: list[UploadFile] | None = File(None, description="one or more images"),
-        topk: int = Query(5, ge=1, description="classes to return per image"),
-    ) -> dict:
-        predictor: Predictor = request.app.state.predictor
-        if not files:
-            raise HTTPException(
-                400, "no image uploaded; send images as multipart form field 'files'"
-            )
-        # A sync endpoint runs in FastAPI's thread pool, so the model never blocks the loop.
-        items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
-        predictions = predictor.predict(items, topk=topk)
-        if all(not p.ok for p in predictions):
-            raise HTTPException(
-                400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"
-            )
-        return {
-            "classes": predictor.classes,
-            "threshold": predictor.threshold,
-            "predictions": [p.as_dict() for p in predictions],
-        }
-
+    app.state.metrics = metrics
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.include_router(router)
+    app.openapi = lambda: openapi_without_422(app)
     return app
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults listed, and the docstring's examples kept as written."""
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs and /redoc from the assets installed with fastapi-offline (FastAPI's self-hosted
+    docs recipe); the pages name no other host, not even Google Fonts."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI's schema, less the 422 it documents on every route with parameters: this API
+    answers a malformed request with 400 (see `bad_request`), which ERRORS documents."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument(
-        "--model-path",
-        default=os.environ.get("MODEL_PATH", DEFAULT_MODEL_PATH),
-        help="checkpoint (env MODEL_PATH)",
+        "--model-path", default=default_model_path(), help="checkpoint (env MODEL_PATH)"
     )
     parser.add_argument(
         "--max-upload-mb",
@@ -180,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body, in MB (env MAX_UPLOAD_MB); larger ones get 413",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="most images in one forward pass (1: no batching)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_MS,
+        help="longest wait for more requests to batch, after the first (only while others "
+        "are still arriving)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+        help="requests that may wait for the model; past it they get 503 with Retry-After",
+    )  # fmt: skip
     parser.add_argument(
         "--threads",
         type=int,
@@ -197,6 +429,10 @@ def main(argv=None) -> int:
     except ValueError as err:  # a non-numeric MAX_UPLOAD_MB in the environment
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
+        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if not Path(args.model_path).is_file():
         print(
             f"error: no model file at {args.model_path}; train one with `make all` or pass "
@@ -211,8 +447,9 @@ def main(argv=None) -> int:
     set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(
-        args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device
-    )
+        args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+    )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

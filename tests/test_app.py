@@ -6,8 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 from test_predict import binary_checkpoint
 
@@ -121,7 +123,7 @@ def test_the_model_panel_reads_the_checkpoint(monkeypatch, smoke_model):
     assert any(c.startswith(f"Trained {created}") for c in captions)
     [table] = at.sidebar.dataframe
     test_accuracy = predictor.checkpoint["metrics"]["test"]["accuracy"]
-    assert table.value.loc["accuracy", "test"] == pytest.approx(test_accuracy)
+    assert table.value.loc["Accuracy", "test"] == pytest.approx(test_accuracy)
     assert at.sidebar.json[0].value  # the training config
 
 
@@ -189,3 +191,185 @@ def test_the_attention_toggle_adds_an_overlay(monkeypatch, smoke_model):
     captions = [img.captions for img in at.main.get("image")]
     assert captions == [["digit-8.png"], ["attention (rollout)"]]
     assert len(predictions_shown(at)) == 1
+
+
+# ---- launching: `streamlit run app.py` from the root, the same settings from anywhere ----------
+
+
+def test_streamlit_run_app_py_from_the_repo_root(monkeypatch, smoke_model):
+    monkeypatch.setenv("MODEL_PATH", str(smoke_model))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Vision Transformer image classifier"
+    data = (SAMPLES / "digit-7.png").read_bytes()
+    [expected] = Predictor(smoke_model, device="cpu").predict(data)
+    upload(at, ("digit-7.png", data))
+    assert predictions_shown(at) == [
+        f"**Prediction: {expected.predicted}** ({expected.probability:.1%})"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cwd", "script"), [(".", "app.py"), (".", "source/app.py"), ("source", "app.py")]
+)
+def test_every_way_to_start_the_app_reads_the_same_settings(cwd, script):
+    """What `streamlit run SCRIPT` from CWD configures (streamlit's own lookup: the working
+    directory's .streamlit/ and the script's), as streamlit.web.cli does before it starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streamlit.config as c; c._main_script_path = sys.argv[1]; "
+        "c.get_config_options(force_reparse=True); "
+        "print(c.get_option('server.maxUploadSize'), c.get_option('browser.gatherUsageStats'))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / cwd / script)],
+        cwd=ROOT / cwd, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("STREAMLIT_")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["10", "False"]
+
+
+# ---- what the page shows ---------------------------------------------------------------------
+
+
+def walk(node):
+    """Every element of the page in display order (AppTest's tree, depth first)."""
+    children = getattr(node, "children", None)
+    if not children:
+        yield node
+        return
+    for child in children.values():
+        yield from walk(child)
+
+
+def app_module():
+    """source/app.py as a module (a plain `import app` could find the root shim)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("streamlit_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def checkpoint_with(source, tmp_path, **config):
+    """A copy of the checkpoint at `source` with some training config values changed."""
+    from checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(source)
+    ckpt["config"] = {**ckpt["config"], **config}
+    save_checkpoint(ckpt, tmp_path / "model.pth")
+    return tmp_path / "model.pth"
+
+
+def test_digit_examples_only_for_a_digits_model(monkeypatch, smoke_model, tmp_path):
+    # The same ten classes, named 0-9, but trained on MNIST (28 px): no digits examples.
+    at = run_app(monkeypatch, checkpoint_with(smoke_model, tmp_path, data="mnist"))
+    assert not at.multiselect and not predictions_shown(at)
+    assert at.info[0].value == "Upload one or more images to classify them."
+    at = run_app(monkeypatch, binary_checkpoint(tmp_path / "binary.pth"))  # classes neg, pos
+    assert not at.multiselect
+    at = run_app(monkeypatch, smoke_model)  # the digits model
+    assert len(at.multiselect) == 1 and not at.info
+
+
+def low_confidence_cues(at: AppTest) -> list[str]:
+    return [c.value for c in at.main.caption if "Low confidence" in c.value]
+
+
+@pytest.mark.parametrize(("threshold", "cue"), [(0.37, False), (0.9, True)])
+def test_a_guess_is_marked_low_confidence(monkeypatch, tmp_path, threshold, cue):
+    model = binary_checkpoint(tmp_path / "binary.pth", threshold=threshold)
+    [expected] = Predictor(model, device="cpu").predict(SAMPLES / "digit-0.png")
+    # pos at about 69% with threshold 0.37; below a 0.9 threshold, neg at about 31%
+    assert (expected.probability < 0.5) == cue
+    at = upload(run_app(monkeypatch, model), ("d.png", (SAMPLES / "digit-0.png").read_bytes()))
+    assert low_confidence_cues(at) == (
+        [":orange[**Low confidence**]: under 50%, this is a guess; the classes below are close"]
+        if cue
+        else []
+    )
+
+
+def test_errors_come_first_and_repeated_uploads_once(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    good = (SAMPLES / "digit-3.png").read_bytes()
+    other = (SAMPLES / "digit-5.png").read_bytes()
+    upload(at, ("digit-3.png", good), ("notes.png", b"not an image"), ("digit-3.png", good),
+           ("again.png", good), ("digit-5.png", other))  # fmt: skip
+    assert not at.exception
+    shown = [
+        e.value
+        for e in walk(at.main)
+        if getattr(e, "type", None) in ("markdown", "alert") or e.__class__.__name__ == "Error"
+    ]
+    error = "**notes.png**: not an image file (or an unsupported format)"
+    assert [e.value for e in at.error] == [error]
+    first_card = next(i for i, v in enumerate(shown) if str(v).startswith("**Prediction:"))
+    assert shown.index(error) < first_card  # seen without scrolling past the results
+    assert len(predictions_shown(at)) == 2  # digit-3 once (three uploads), digit-5
+    assert "2 repeated upload(s) shown once." in [c.value for c in at.main.caption]
+    assert at.main.markdown[0].value == "2 of 3 image(s) classified."
+
+
+def test_metric_names_are_readable(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    [table] = at.sidebar.dataframe
+    names = list(table.value.index)
+    assert names[0] == "Accuracy" and "Balanced accuracy" in names
+    assert not [n for n in names if "_" in n or n.islower()], names
+
+
+def test_the_overlay_has_an_opacity_slider_and_a_legend(monkeypatch, smoke_model):
+    import attention_viz
+
+    original = attention_viz.overlay
+    alphas = []
+
+    def recording(image, heatmap, alpha=0.5, **kwargs):
+        alphas.append(alpha)
+        return original(image, heatmap, alpha=alpha, **kwargs)
+
+    monkeypatch.setattr(attention_viz, "overlay", recording)
+    at = upload(
+        run_app(monkeypatch, smoke_model), ("d.png", (SAMPLES / "digit-8.png").read_bytes())
+    )
+    assert [s.label for s in at.sidebar.slider] == []  # no overlay, no opacity
+    at.sidebar.toggle[0].set_value(True).run()
+    [opacity] = at.sidebar.slider
+    assert opacity.label == "Overlay opacity" and opacity.value == 0.5
+    assert 0.5 in alphas and 1.0 in alphas  # the overlay, and the legend drawn by it
+    alphas.clear()
+    opacity.set_value(0.8).run()
+    assert not at.exception and 0.8 in alphas
+    assert "Colour bar: low attention (left) to high (right)" in [c.value for c in at.main.caption]
+
+
+def test_the_legend_is_the_overlay_colour_scale():
+    import attention_viz
+
+    module = app_module()
+    picture = Image.new("RGB", (64, 48), (10, 20, 30))
+    framed = module.with_legend(picture)
+    assert framed.width == 64 and framed.height > 48 + 4
+    assert framed.crop((0, 0, 64, 48)).tobytes() == picture.tobytes()
+    bar = np.asarray(framed)[-1]  # the bottom row: the colour scale, low to high
+    black = Image.new("RGB", (1, 1))
+    low = np.asarray(attention_viz.overlay(black, np.zeros((1, 1)), alpha=1.0))[0, 0]
+    high = np.asarray(attention_viz.overlay(black, np.ones((1, 1)), alpha=1.0))[0, 0]
+    np.testing.assert_array_equal(bar[0], low)
+    np.testing.assert_array_equal(bar[-1], high)
+    assert not np.array_equal(low, high)
+
+
+def test_the_api_snippet_serves_this_model(monkeypatch, smoke_model):
+    at = run_app(monkeypatch, smoke_model)
+    [expander] = [e for e in at.sidebar.expander if e.label == "Use via the API"]
+    assert [c.value for c in expander.code] == [
+        f"MODEL_PATH={smoke_model} python source/serve.py --port 8000",
+        "curl -F files=@photo.jpg 'http://127.0.0.1:8000/predict?topk=5'",
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -269,3 +270,32 @@ def test_attention_maps_on_request(predictor, test_split):
         assert q.heatmap.min() >= 0.0 and q.heatmap.max() == pytest.approx(1.0)
         assert isinstance(q.overlay, Image.Image) and q.overlay.size == images[i].size
         assert p.heatmap is None and p.overlay is None
+
+
+def test_cli_reads_the_model_from_model_path(smoke_model, predictor, image_folder, monkeypatch,
+                                              capsys):  # fmt: skip
+    expected = {r.source: r.predicted for r in predictor.predict(image_folder)}
+    monkeypatch.setenv("MODEL_PATH", str(smoke_model))
+    assert main([str(image_folder), "--format", "json"]) == 0  # no --model-path
+    records = json.loads(capsys.readouterr().out)
+    assert {r["source"]: r["predicted"] for r in records} == expected
+    monkeypatch.setenv("MODEL_PATH", str(smoke_model.with_name("elsewhere.pth")))
+    assert main([str(image_folder)]) == 2
+    assert "elsewhere.pth" in capsys.readouterr().err
+
+
+def test_cli_into_a_closed_pipe_ends_quietly(smoke_model, image_folder):
+    """`python source/predict.py folder | head -1` when head has gone before the output comes:
+    no BrokenPipeError traceback, exit status 0 (as `cat` does)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "source" / "predict.py"), str(image_folder)]
+    env = {**os.environ, "MODEL_PATH": str(smoke_model)}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the model has even loaded
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

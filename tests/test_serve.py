@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -169,3 +171,204 @@ def test_serving_benchmark_quick(smoke_model, tmp_path):
     assert "| API one image, p50 (target < 20 ms) |" in text
     assert "| Predictor, batches of 32 |" in text
     assert "images/s" in text and "x (" in text
+
+
+# ---- the documentation pages and the OpenAPI schema ---------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_every_asset_from_this_server(client, page):
+    """Offline and air-gapped: every script, stylesheet and image the page names is local and
+    answers; no CDN (jsdelivr), no Google Fonts."""
+    import re
+
+    response = client.get(page)
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    html = response.text
+    urls = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)["\']', html)
+    urls += re.findall(r"""url\s*:\s*["']([^"']+)["']""", html)  # Swagger UI's openapi url
+    assert urls, html
+    assert not [u for u in urls if "//" in u], urls  # no absolute URL to another host
+    assert "cdn.jsdelivr" not in html and "fonts.googleapis" not in html
+    scripts = [u for u in urls if u.endswith(".js")]
+    assert scripts, urls
+    for url in urls:
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        if url.endswith(".js"):
+            assert "javascript" in asset.headers["content-type"] and len(asset.content) > 100_000
+        if url.endswith(".css"):
+            assert "text/css" in asset.headers["content-type"]
+
+
+def test_openapi_schema_shows_the_response_fields(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def response_schema(path, method, code="200"):
+        content = schema["paths"][path][method]["responses"][code]["content"]
+        ref = content["application/json"]["schema"]["$ref"]
+        return components[ref.rsplit("/", 1)[-1]]
+
+    predict = response_schema("/predict", "post")
+    assert set(predict["properties"]) == {"classes", "threshold", "predictions"}
+    item = components["ImagePrediction"]
+    assert set(item["properties"]) == {"source", "predicted", "probability", "topk", "error"}
+    assert set(components["ClassProbability"]["properties"]) == {"class", "probability"}
+    assert set(response_schema("/health", "get")["properties"]) == {"status", "model_path"}
+    meta = response_schema("/metadata", "get")["properties"]
+    assert {"api_version", "classes", "image_size", "num_parameters", "metrics"} <= set(meta)
+    assert meta["image_size"]["type"] == "integer"
+
+
+def test_documented_error_codes_are_the_ones_the_api_answers(client):
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"]["/predict"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "413", "503"}  # 503: the queue bound, tested below
+    assert "422" not in json.dumps(schema) and "HTTPValidationError" not in json.dumps(schema)
+    problem = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+    assert problem.endswith("/Problem")
+    # what the schema promises is what comes back
+    bad = client.post("/predict?topk=0", files={"files": ("a.png", png(), "image/png")})
+    assert bad.status_code == 400 and set(bad.json()) == {"detail"}
+    for path in ("/health", "/metadata"):
+        assert set(schema["paths"][path]["get"]["responses"]) == {"200"}
+
+
+# ---- batching (batching.py), the queue bound and /metrics -------------------------------------
+
+
+def metric_samples(text: str) -> dict:
+    """Prometheus text -> {(sample name, sorted label items): value}, via prometheus-client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def batch_requests() -> list[list[tuple[str, bytes]]]:
+    """Requests of one image, several, a mix of readable and unreadable, and none readable."""
+    samples = sorted((SAMPLE.parent).glob("*.png"))
+    requests = [[(p.name, p.read_bytes())] for p in samples]
+    requests += [[(f"c{i}.png", png((40 * i, 90, 255 - 30 * i), (12 + i, 20)))] for i in range(6)]
+    requests += [
+        [
+            ("a.png", png()),
+            ("bad.png", b"not an image"),
+            (samples[0].name, samples[0].read_bytes()),
+        ],
+        [(p.name, p.read_bytes()) for p in samples[:4]],
+        [("empty.png", b""), ("text.png", b"hello")],
+    ]
+    return requests * 2
+
+
+def test_batched_answers_equal_unbatched_through_a_real_server(smoke_model, predictor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from load import start_server, stop_server
+
+    requests = batch_requests()
+    server, url = start_server(str(smoke_model), extra=["--max-batch", "16", "--max-wait-ms", "50"])
+    try:
+
+        def send(files):
+            body = [("files", (name, data, "image/png")) for name, data in files]
+            return httpx.post(f"{url}/predict?topk=3", files=body, timeout=120)
+
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(send, requests))
+        metrics = metric_samples(httpx.get(f"{url}/metrics", timeout=30).text)
+    finally:
+        stop_server(server)
+
+    for files, response in zip(requests, responses, strict=True):
+        alone = predictor.predict(files, topk=3)
+        if all(not p.ok for p in alone):
+            assert response.status_code == 400
+            continue
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        assert [g["source"] for g in got] == [p.source for p in alone]
+        for g, p in zip(got, alone, strict=True):
+            assert (g["predicted"], g["error"]) == (p.predicted, p.error)
+            assert [t["class"] for t in g["topk"]] == [c for c, _ in p.topk]
+            np.testing.assert_allclose(
+                [t["probability"] for t in g["topk"]], [q for _, q in p.topk], atol=1e-5
+            )
+    answered = sum(r.status_code == 200 for r in responses)
+    assert (
+        metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "200")))] == answered
+    )
+    assert metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "400")))] == 2
+    passes = metrics[("vit_batch_size_count", ())]
+    images = metrics[("vit_batch_size_sum", ())]
+    assert images == sum(p.ok for files in requests for p in predictor.predict(files))
+    assert passes < answered  # requests shared forward passes
+
+
+def test_a_full_queue_answers_503_with_retry_after(smoke_model):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(smoke_model, device="cpu", max_batch=1, max_queue=2)
+    with TestClient(app) as c:
+        batcher = app.state.batcher
+        entered, release = threading.Event(), threading.Event()
+        real_logits = app.state.predictor.logits
+
+        def held(batch):
+            entered.set()
+            assert release.wait(60)
+            return real_logits(batch)
+
+        app.state.predictor.logits = held  # the worker blocks inside its forward pass
+
+        def send():
+            return c.post("/predict", files={"files": ("a.png", png(), "image/png")})
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(send)
+            assert entered.wait(60)
+            waiting = [pool.submit(send), pool.submit(send)]
+            deadline = time.monotonic() + 60
+            while batcher.depth < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.depth == 2
+            refused = send()
+            release.set()
+            answers = [first.result(), *(w.result() for w in waiting)]
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert "already waiting for the model" in refused.json()["detail"]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        metrics = metric_samples(c.get("/metrics").text)
+    assert metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 1
+    assert metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 3
+
+
+def test_metrics_describe_the_model_and_count_what_was_sent(smoke_model):
+    with TestClient(create_app(smoke_model, device="cpu")) as c:
+        for _ in range(3):
+            c.post("/predict", files={"files": ("a.png", png(), "image/png")})
+        c.post("/predict", files={"files": ("t.txt", b"text", "text/plain")})
+        c.get("/health")
+        response = c.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    metrics = metric_samples(response.text)
+    ckpt = load_checkpoint(smoke_model)
+    assert metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 3
+    assert metrics[("vit_requests_total", (("endpoint", "/predict"), ("status", "400")))] == 1
+    assert metrics[("vit_requests_total", (("endpoint", "/health"), ("status", "200")))] == 1
+    assert metrics[("vit_request_latency_seconds_count", (("endpoint", "/predict"),))] == 4
+    assert metrics[("vit_batch_size_count", ())] == 3 and metrics[("vit_batch_size_sum", ())] == 3
+    assert metrics[("vit_queue_depth", ())] == 0
+    [info] = [labels for (name, labels) in metrics if name == "vit_model_info"]
+    info = dict(info)
+    assert info["model_path"] == str(smoke_model)
+    assert info["created"] == str(ckpt["provenance"]["created"]) and info["backend"] == "torch"

@@ -1,0 +1,158 @@
+"""Dynamic request batching for the REST API: concurrent requests share one forward pass.
+
+One model worker thread takes what has queued, up to `max_batch` images, runs one forward
+pass and hands each request its own rows, so every request gets what it would have got alone
+(the same top-k; probabilities equal to float32 rounding). Like Triton's dynamic batcher and
+TorchServe's batch_size / max_batch_delay, the worker waits for more only while other
+requests are still being decoded, and never more than `max_wait_ms` after the first one it
+holds: one client alone waits for nothing. The queue is bounded: past `max_queue` waiting
+requests, `submit` raises QueueFull (the API answers 503 with Retry-After).
+
+    batcher = Batcher(predictor, max_batch=32, max_wait_ms=5, max_queue=256)
+    batcher.start()
+    predictions = batcher.predict([("a.png", data), ("b.png", other)], topk=3)
+    batcher.stop()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from predict import Prediction, Predictor, Prepared
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the queue holds; try again after `retry_after` s."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"{waiting} requests are already waiting for the model; retry shortly")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    prepared: Prepared
+    topk: int
+    size: int  # images in this request that go through the model
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """A queue of prepared requests and the one thread that runs the model on them."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be at least 1, max_wait_ms at least 0")
+        self.predictor = predictor
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
+        self.on_batch = on_batch  # called with each forward pass's image count (metrics)
+        self.jobs: deque[Job] = deque()
+        self.decoding = 0  # requests being decoded: worth waiting for
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the model."""
+        return len(self.jobs)
+
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self.work, name="model-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    # ---- request side (the web server's threads) --------------------------------------------
+
+    def predict(self, items: list[tuple[str, object]], topk: int = 5) -> list[Prediction]:
+        """Predictor.predict's answer for (name, input) pairs, through the shared worker."""
+        if topk < 1:
+            raise ValueError(f"topk must be at least 1, got {topk}")
+        with self.lock:
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(len(self.jobs), retry_after=1)
+            self.decoding += 1
+        try:
+            prepared = self.predictor.prepare(items)  # decoding runs here, in parallel
+        finally:
+            with self.lock:
+                self.decoding -= 1
+                self.lock.notify_all()
+        if prepared.pixels is None:  # nothing readable: no model call
+            return prepared.results
+        job = Job(prepared, topk, len(prepared.index))
+        with self.lock:
+            self.jobs.append(job)
+            self.lock.notify_all()
+        return job.future.result()
+
+    # ---- the model worker --------------------------------------------------------------------
+
+    def take(self) -> list[Job]:
+        """The next batch: what has queued, up to max_batch images (a larger request alone),
+        waiting up to max_wait after the first while other requests are still decoding."""
+        with self.lock:
+            while self.running and not self.jobs:
+                self.lock.wait()
+            if not self.running:
+                return []
+            deadline = self.jobs[0].arrived + self.max_wait
+            while (
+                self.running
+                and self.decoding
+                and sum(j.size for j in self.jobs) < self.max_batch
+                and time.monotonic() < deadline
+            ):
+                self.lock.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            batch, images = [], 0
+            while self.jobs and (not batch or images + self.jobs[0].size <= self.max_batch):
+                job = self.jobs.popleft()
+                batch.append(job)
+                images += job.size
+            return batch
+
+    def work(self) -> None:
+        while self.running:
+            batch = self.take()
+            if batch:
+                self.run(batch)
+
+    def run(self, batch: list[Job]) -> None:
+        """One forward pass for the batch; each job gets its rows, or the error."""
+        try:
+            pixels = np.concatenate([job.prepared.pixels for job in batch])
+            logits = self.predictor.logits(pixels)
+            if self.on_batch is not None:
+                self.on_batch(len(pixels))
+            start = 0
+            for job in batch:
+                rows = logits[start : start + job.size]
+                start += job.size
+                job.future.set_result(self.predictor.finish(job.prepared, rows, job.topk))
+        except Exception as err:  # the requests get the error; the worker keeps serving
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
