@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import tracking
+import tracking_mlflow
 from config import Config
 from conftest import ROOT, train_smoke
 
@@ -85,14 +86,14 @@ def test_mlflow_keys_and_params_are_valid_for_mlflow():
     from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
 
     for name in ("train/loss", "val acc@1 (top)", "a//b", "/lead/", "x:y", "../up", "é/ü", "."):
-        key = tracking.mlflow_key(name)
+        key = tracking_mlflow.mlflow_key(name)
         assert validate_param_and_metric_name(key) and ":" not in key, key
         assert not path_not_unique(key), key
-    assert tracking.mlflow_key("train/loss") == "train/loss"
-    assert tracking.mlflow_key("val acc@1") == "val acc_1"
-    assert tracking.mlflow_key("/a//b/") == "a/b"
-    assert tracking.mlflow_param((0.5, 0.5, 0.5)) == "(0.5, 0.5, 0.5)"
-    assert tracking.mlflow_param("x" * 7000) == "x" * 6000
+    assert tracking_mlflow.mlflow_key("train/loss") == "train/loss"
+    assert tracking_mlflow.mlflow_key("val acc@1") == "val acc_1"
+    assert tracking_mlflow.mlflow_key("/a//b/") == "a/b"
+    assert tracking_mlflow.mlflow_param((0.5, 0.5, 0.5)) == "(0.5, 0.5, 0.5)"
+    assert tracking_mlflow.mlflow_param("x" * 7000) == "x" * 6000
     assert tracking.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {
         "a": 1,
         "b/c": 2,
@@ -200,7 +201,7 @@ def test_mlflow_run_matches_the_local_record(mlflow_uri, mlflow_run, tmp_path):
     run_dir = mlflow_run / "runs" / "smoke"
     info = json.loads((run_dir / "tracker.json").read_text())
     assert info["backend"] == "mlflow" and info["tracking_uri"] == mlflow_uri
-    assert info["experiment"] == tracking.DEFAULT_EXPERIMENT
+    assert info["experiment"] == tracking_mlflow.DEFAULT_EXPERIMENT
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
 
@@ -272,8 +273,9 @@ def test_open_run_without_id_starts_an_evaluation_run(mlflow_uri, tmp_path, monk
     run.log_metrics({"test/accuracy": 0.5}, 0)
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    run.log_figure(fig, "confusion_matrix.png")
+    fig.savefig(tmp_path / "confusion_matrix.png")
     plt.close(fig)
+    run.log_artifact(tmp_path / "confusion_matrix.png")
     run.finish()
 
     client = MlflowClient(mlflow_uri)
@@ -314,7 +316,7 @@ def test_resumed_training_continues_the_same_mlflow_run(mlflow_uri, tmp_path, mo
 def test_make_mlflow_ui_opens_the_default_store():
     makefile = (ROOT / "Makefile").read_text()
     target = makefile[makefile.index("\nmlflow-ui:") :].split("\n\n")[0]
-    assert f"--backend-store-uri {tracking.DEFAULT_MLFLOW_URI}" in target
+    assert f"--backend-store-uri {tracking_mlflow.DEFAULT_MLFLOW_URI}" in target
 
 
 # ---- MLflow: a real tracking server ---------------------------------------------------------
@@ -416,7 +418,7 @@ def test_mlflow_server_through_its_uri_and_going_down_mid_run(
 def test_unreachable_mlflow_server_gives_up_in_seconds(tmp_path, monkeypatch, caplog):
     import mlflow  # noqa: F401 - imported here so that the timing below is the tracker's
 
-    for key in tracking.MLFLOW_HTTP_DEFAULTS:
+    for key in tracking_mlflow.MLFLOW_HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:s3cret-pw@127.0.0.1:{free_port()}")
     start = time.monotonic()
