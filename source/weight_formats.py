@@ -3,7 +3,7 @@
     sd, notes = hf_to_timm(state_dict)              # transformers ViT/DeiT (query/key/value fused)
     sd, num_heads, notes = jax_to_timm(np.load(f))  # google-research / big_vision .npz
 
-`pretrained.py` reads the files and fits the converted tensors to a model.
+`pretrained_sources.py` reads the files; `pretrained.py` fits the converted tensors to a model.
 """
 
 from __future__ import annotations
