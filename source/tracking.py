@@ -5,7 +5,7 @@
     tracker.set_tags({"preset": "digits", "data": "digits"})
     tracker.log_metrics({"train/loss": 0.3, "train/lr": 1e-3}, step=10)
     tracker.log_artifact("metadata/results/accuracy_loss.png")
-    tracker.log_figure(fig, "confusion_matrix.png")
+    tracker.log_model("metadata/models/model.pth", register_name="vit")  # MLflow: a pyfunc model
     tracker.finish()                                   # or finish("FAILED") / finish("KILLED")
     print(tracker.summary())
 
@@ -26,6 +26,11 @@ Backends, chosen with `--tracker`:
 - neptune: project and token from `NEPTUNE_PROJECT` and `NEPTUNE_API_TOKEN` (never from
   files); `NEPTUNE_MODE=offline` records into .neptune/ with no server (`neptune sync` later).
 - none: the local record only.
+
+The backends live in tracking_mlflow.py and tracking_neptune.py and are imported only when
+chosen, so `import tracking` needs neither package. With MLflow, `log_model` logs the checkpoint
+as an MLflow model (a pyfunc that wraps predict.Predictor) and can register it; see
+tracking_mlflow.py for that and for `resolve_model_uri` (models:/NAME@alias -> a local file).
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import importlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -45,18 +50,6 @@ from pathlib import Path
 log = logging.getLogger("tracking")
 
 TRACKERS = ("mlflow", "neptune", "none")
-DEFAULT_MLFLOW_URI = "sqlite:///metadata/mlflow.db"
-DEFAULT_EXPERIMENT = "vit-classification"
-# MLflow retries a failed HTTP request 7 times with exponential backoff and waits 120 s for
-# each answer, so an unreachable server would stall training for minutes. These defaults
-# give up within seconds (connection refused) or about a minute (no answer); a variable the
-# user has set wins.
-MLFLOW_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
 SECRET_ENV = ("NEPTUNE_API_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
@@ -74,7 +67,14 @@ def redact(text: str) -> str:
     return text
 
 
-def _is_number(value) -> bool:
+def first_line(err: BaseException) -> str:
+    """The first line of an error message, at most 300 characters ("" for an empty one)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def is_number(value) -> bool:
+    """A metric value: int, float or a numpy scalar, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) or _is_numpy(value)
 
 
@@ -106,7 +106,15 @@ class Tracker:
 
     def log_artifact(self, path: str | Path) -> None: ...
 
-    def log_figure(self, figure, filename: str) -> None: ...
+    def log_model(
+        self,
+        checkpoint_path: str | Path,
+        onnx_path: str | Path | None = None,
+        register_name: str | None = None,
+    ) -> str:
+        """The checkpoint in the backend's model format; returns where it went ("" for none).
+        Only MLflow has one (see tracking_mlflow.MlflowTracker.log_model)."""
+        return ""
 
     def set_tags(self, tags: dict) -> None: ...
 
@@ -176,11 +184,6 @@ class LocalRecord(Tracker):
             shutil.copy2(path, target)
         return target
 
-    def log_figure(self, figure, filename: str) -> Path:
-        target = self.dir / "artifacts" / filename
-        figure.savefig(target, dpi=120, bbox_inches="tight")
-        return target
-
     def set_tags(self, tags: dict) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
         self._write("tags.json", self.tags)
@@ -224,7 +227,7 @@ class Fanout(Tracker):
                 "is complete",
                 self.backend.name,
                 type(err).__name__,
-                redact(str(err).strip().splitlines()[0][:300] if str(err).strip() else ""),
+                redact(first_line(err)),
                 self.local.dir,
             )
             self.failed, self.backend = self.backend.name, None
@@ -242,8 +245,30 @@ class Fanout(Tracker):
         if copy is not None:
             self._backend("log_artifact", copy)
 
-    def log_figure(self, figure, filename: str) -> None:
-        self._backend("log_artifact", self.local.log_figure(figure, filename))
+    def log_model(
+        self,
+        checkpoint_path: str | Path,
+        onnx_path: str | Path | None = None,
+        register_name: str | None = None,
+    ) -> str:
+        """The checkpoint as the backend's model (MLflow: a pyfunc, registered under
+        `register_name` with the alias `candidate` moved to it). A failure warns once and
+        leaves the backend on: the checkpoint is already among the run's artifacts."""
+        if self.backend is None:
+            return ""
+        try:
+            return self.backend.log_model(
+                checkpoint_path, onnx_path=onnx_path, register_name=register_name
+            )
+        except Exception as err:  # noqa: BLE001 - a tracker must never stop training
+            log.warning(
+                "%s could not log the model (%s: %s); the checkpoint is among the run's "
+                "artifacts",
+                self.backend.name,
+                type(err).__name__,
+                redact(first_line(err)),
+            )
+            return ""
 
     def set_tags(self, tags: dict) -> None:
         self.local.set_tags(tags)
@@ -295,297 +320,21 @@ def redact_dict(values: dict) -> dict:
     return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
-# ---- MLflow ------------------------------------------------------------------------------
+# ---- choosing and opening runs -----------------------------------------------------------
 
-
-def mlflow_key(name: str) -> str:
-    """A valid MLflow metric or param name: alphanumerics, _ - . space and / only (":" is
-    allowed too except on Windows, so it is replaced as well), normalised as a path."""
-    name = re.sub(r"[^/\w.\- ]", "_", str(name))
-    parts = [p for p in name.split("/") if p not in ("", ".", "..")]
-    return "/".join(parts)[:250] or "_"
-
-
-def mlflow_param(value) -> str:
-    """Param values are strings of at most 6,000 characters; tuples as "(0.5, 0.5, 0.5)"."""
-    return str(value)[:6000]
-
-
-def _drop_mlflow_retry_warnings(record: logging.LogRecord) -> bool:
-    # urllib3 warns on every retry of an MLflow request; our single warning says it all.
-    message = record.getMessage()
-    return not (message.startswith("Retrying") and ("/mlflow" in message or "mlflow-" in message))
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        return Path(uri[len("sqlite:///") :].split("?")[0])
-    return None
-
-
-class MlflowTracker(Tracker):
-    """One MLflow run through `MlflowClient` (no global active run). Metrics are sent in
-    batches every few seconds: one request per training step would cost tens of ms each."""
-
-    name = "mlflow"
-    FLUSH_SECONDS = 5.0
-
-    def __init__(self, run_name: str, run_dir: Path, run_id: str | None = None, resume=False):
-        for key, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        urllib3_log = logging.getLogger("urllib3.connectionpool")
-        if _drop_mlflow_retry_warnings not in urllib3_log.filters:
-            urllib3_log.addFilter(_drop_mlflow_retry_warnings)
-        try:
-            from mlflow.entities import Metric, Param, RunTag
-            from mlflow.tracking import MlflowClient
-        except ImportError as err:
-            raise TrackerUnavailable(
-                f"the mlflow package is not installed ({err}); install it with "
-                "`pip install mlflow`, or pass --tracker none"
-            ) from None
-        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
-        db = _sqlite_path(self.uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.uri)
-        self.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        try:
-            if run_id:
-                run = self.client.get_run(run_id)
-                self.reopened = True
-            else:
-                run = self.client.create_run(self._experiment_id(db), run_name=run_name)
-                self.reopened = False
-        except Exception as err:  # noqa: BLE001 - turned into one sentence with the fix
-            raise TrackerUnavailable(self._explain(err, run_id)) from None
-        self._run_id = run.info.run_id
-        self.experiment_id = run.info.experiment_id
-        # Keys logged before (a re-opened run): MLflow refuses to change a param's value.
-        self._logged_params = set(run.data.params)
-        self._pending: list = []
-        self._last_flush = time.monotonic()
-        self._resume = resume
-        if resume and run_id:
-            self.client.update_run(self._run_id, status="RUNNING")
-
-    def _experiment_id(self, db: Path | None) -> str:
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                raise TrackerUnavailable(
-                    f"the MLflow experiment {self.experiment!r} is deleted; restore it "
-                    f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`)"
-                    " or set MLFLOW_EXPERIMENT_NAME to another name"
-                )
-            return experiment.experiment_id
-        # Beside a SQLite file, artifacts go in mlartifacts/ next to it; a server decides
-        # for itself (its --artifacts-destination or --default-artifact-root).
-        location = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
-        return self.client.create_experiment(self.experiment, artifact_location=location)
-
-    def _explain(self, err: Exception, run_id: str | None) -> str:
-        if isinstance(err, TrackerUnavailable):
-            return str(err)
-        text = redact(str(err))
-        uri = redact(self.uri)
-        if self.uri.startswith(("http://", "https://")) and re.search(
-            r"Max retries|Connection|connect|timed out|Timeout|refused", text
-        ):
-            return (
-                f"cannot reach the MLflow tracking server at {uri}; start it, fix "
-                "MLFLOW_TRACKING_URI, or pass --tracker none"
-            )
-        if run_id and ("RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower()):
-            return f"there is no MLflow run {run_id} at {uri}; check the run id and the URI"
-        first = text.strip().splitlines()[0][:300] if text.strip() else ""
-        return (
-            f"MLflow at {uri} failed ({type(err).__name__}: {first}); fix "
-            "MLFLOW_TRACKING_URI or pass --tracker none"
-        )
-
-    def log_params(self, params: dict) -> None:
-        items = [
-            self._Param(mlflow_key(k), mlflow_param(v))
-            for k, v in flatten(params).items()
-            if mlflow_key(k) not in self._logged_params
-        ]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self._run_id, params=items[i : i + 100])
-        self._logged_params.update(p.key for p in items)
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        now = int(time.time() * 1000)
-        self._pending += [
-            self._Metric(mlflow_key(k), float(v), now, int(step))
-            for k, v in metrics.items()
-            if _is_number(v)
-        ]
-        if len(self._pending) >= 1000 or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        self._last_flush = time.monotonic()
-        for i in range(0, len(pending), 1000):  # MLflow takes at most 1,000 metrics a batch
-            self.client.log_batch(self._run_id, metrics=pending[i : i + 1000])
-
-    def log_artifact(self, path: str | Path) -> None:
-        self.flush()
-        self.client.log_artifact(self._run_id, str(path))
-
-    def set_tags(self, tags: dict) -> None:
-        items = [self._RunTag(mlflow_key(k), str(v)[:8000]) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self._run_id, tags=items[i : i + 100])
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.flush()
-        # A run re-opened for evaluation keeps its own status and end time.
-        if not self.reopened or self._resume:
-            status = status if status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
-            self.client.set_terminated(self._run_id, status)
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
-
-    def info(self) -> dict:
-        return {
-            "backend": "mlflow",
-            "run_id": self._run_id,
-            "tracking_uri": self.uri,
-            "experiment": self.experiment,
-            "experiment_id": self.experiment_id,
-        }
-
-    def describe(self) -> str:
-        hint = "; browse with `make mlflow-ui`" if self.uri == DEFAULT_MLFLOW_URI else ""
-        return f"mlflow run {self._run_id} in {self.uri} (experiment {self.experiment}){hint}"
-
-
-# ---- Neptune -----------------------------------------------------------------------------
-
-NEPTUNE_SYS_ID = re.compile(r"[A-Z][A-Z0-9]*-\d+")
-NEPTUNE_ERRORS = {
-    "NeptuneMissingApiTokenException": "NEPTUNE_API_TOKEN is not set; export it "
-    "(your token from the Neptune app), or set NEPTUNE_MODE=offline to record without a server",
-    "NeptuneInvalidApiTokenException": "NEPTUNE_API_TOKEN is not a valid Neptune API token; "
-    "copy it again from the Neptune app",
-    "NeptuneMissingProjectNameException": "NEPTUNE_PROJECT is not set; export "
-    "NEPTUNE_PROJECT=workspace/project",
-    "ProjectNotFound": "the project in NEPTUNE_PROJECT does not exist or the token cannot see "
-    "it; check NEPTUNE_PROJECT (workspace/project)",
-    "NeptuneConnectionLostException": "cannot reach the Neptune server; check the network, or "
-    "set NEPTUNE_MODE=offline and `neptune sync` later",
-    "RunNotFound": "there is no Neptune run with that id in NEPTUNE_PROJECT; check the id "
-    "(PROJ-12) and the project",
+# name -> (module, class) of a factory(run_name, run_dir, run_id=None, resume=False) ->
+# Tracker. A backend module is imported when chosen: `import tracking` stays light, and the
+# backends depend on this interface, never the other way round.
+BACKENDS: dict[str, tuple[str, str] | None] = {
+    "mlflow": ("tracking_mlflow", "MlflowTracker"),
+    "neptune": ("tracking_neptune", "NeptuneTracker"),
+    "none": None,
 }
 
 
-class NeptuneTracker(Tracker):
-    """One Neptune run. Its run id is the Neptune id (PROJ-12), or "offline/<uuid>" in
-    offline mode (what `neptune sync --object` takes). Re-opening takes a Neptune id or a
-    custom run id (NEPTUNE_CUSTOM_RUN_ID, which neptune also reads when a run starts);
-    an offline run cannot be re-opened before it is synced."""
-
-    name = "neptune"
-
-    def __init__(self, run_name: str, run_dir: Path, run_id: str | None = None, resume=False):
-        self.mode = os.environ.get("NEPTUNE_MODE", "async")
-        missing = [
-            name
-            for name in ("NEPTUNE_PROJECT", "NEPTUNE_API_TOKEN")
-            if not os.environ.get(name) and self.mode not in ("offline", "debug")
-        ]
-        if missing:
-            raise TrackerUnavailable(
-                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; export "
-                "NEPTUNE_PROJECT=workspace/project and NEPTUNE_API_TOKEN=<your token>, or set "
-                "NEPTUNE_MODE=offline to record without a server (`neptune sync` uploads later)"
-            )
-        if run_id and run_id.startswith("offline/"):
-            raise TrackerUnavailable(
-                f"the offline Neptune run {run_id} cannot be re-opened; upload it with "
-                "`neptune sync` and pass its Neptune id (PROJ-12) instead"
-            )
-        try:
-            import neptune
-            from neptune.utils import stringify_unsupported
-        except ImportError as err:
-            raise TrackerUnavailable(
-                f"the neptune package is not installed ({err}); install it with "
-                "`pip install neptune`, or pass --tracker mlflow or none"
-            ) from None
-        self._stringify = stringify_unsupported
-        if run_id:
-            key = "with_id" if NEPTUNE_SYS_ID.fullmatch(run_id) else "custom_run_id"
-            kwargs = {key: run_id}
-        else:
-            kwargs = {"name": run_name}
-        try:
-            # Project and token come from the environment only (neptune reads them itself).
-            self.run = neptune.init_run(**kwargs)
-        except Exception as err:  # noqa: BLE001 - turned into one sentence with the fix
-            reason = NEPTUNE_ERRORS.get(type(err).__name__)
-            if reason is None:
-                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-                reason = f"{type(err).__name__}: {redact(first)}"
-            raise TrackerUnavailable(reason) from None
-        if self.mode == "offline":
-            self._run_id = f"offline/{self.run._id}"
-        else:
-            self._run_id = run_id or getattr(self.run, "_sys_id", "") or ""
-
-    def log_params(self, params: dict) -> None:
-        self.run["parameters"] = self._stringify(params)
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        for key, value in metrics.items():
-            if _is_number(value) and math.isfinite(float(value)):
-                self.run[key].append(float(value), step=step)
-
-    def log_artifact(self, path: str | Path) -> None:
-        self.run[f"artifacts/{Path(path).name}"].upload(str(path))
-
-    def set_tags(self, tags: dict) -> None:
-        for key, value in tags.items():
-            self.run[f"tags/{key}"] = str(value)
-        self.run["sys/tags"].add([f"{k}:{v}"[:128] for k, v in tags.items()])
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.run["status"] = status
-        if status == "FAILED":
-            self.run["sys/failed"] = True
-        # Unsent data stays in .neptune/ for `neptune sync`; do not hold training's exit.
-        self.run.stop(seconds=60)
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
-
-    def info(self) -> dict:
-        return {
-            "backend": "neptune",
-            "run_id": self._run_id,
-            "mode": self.mode,
-            "project": os.environ.get("NEPTUNE_PROJECT", ""),
-        }
-
-    def describe(self) -> str:
-        if self.mode == "offline":
-            return (
-                f"neptune offline run {self._run_id} in .neptune/; upload it with "
-                "`neptune sync --project workspace/project`"
-            )
-        return f"neptune run {self._run_id} in project {os.environ.get('NEPTUNE_PROJECT', '')}"
-
-
-# ---- choosing and opening runs -----------------------------------------------------------
-
-# name -> factory(run_name, run_dir, run_id=None, resume=False) -> Tracker
-BACKENDS: dict = {"mlflow": MlflowTracker, "neptune": NeptuneTracker, "none": None}
+def _backend_factory(tracker_name: str):
+    module, factory = BACKENDS[tracker_name]
+    return getattr(importlib.import_module(module), factory)
 
 
 def _start(tracker_name, run_dir, run_name, run_id=None, *, reopen=False, resume=False):
@@ -596,17 +345,16 @@ def _start(tracker_name, run_dir, run_name, run_id=None, *, reopen=False, resume
     run_dir = Path(run_dir)
     had_info = (run_dir / "tracker.json").is_file()
     local = LocalRecord(run_dir, fresh=not reopen, owns_status=not reopen or resume)
-    factory = BACKENDS[tracker_name]
     backend = None
-    if factory is not None:
+    if BACKENDS[tracker_name] is not None:
         try:
+            factory = _backend_factory(tracker_name)
             backend = factory(run_name, run_dir, run_id=run_id, resume=resume)
         except Exception as err:  # noqa: BLE001 - report and go on with the local record
             if isinstance(err, TrackerUnavailable):
                 reason = str(err)
             else:
-                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-                reason = f"{type(err).__name__}: {first}"
+                reason = f"{type(err).__name__}: {first_line(err)}"
             log.warning(
                 "%s tracking is off for this run: %s. Training goes on with the local record "
                 "in %s",

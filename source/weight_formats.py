@@ -3,7 +3,7 @@
     sd, notes = hf_to_timm(state_dict)              # transformers ViT/DeiT (query/key/value fused)
     sd, num_heads, notes = jax_to_timm(np.load(f))  # google-research / big_vision .npz
 
-`pretrained.py` reads the files and fits the converted tensors to a model.
+`pretrained_sources.py` reads the files; `pretrained.py` fits the converted tensors to a model.
 """
 
 from __future__ import annotations
@@ -147,30 +147,34 @@ def jax_to_timm(arrays) -> tuple[dict, int, list[str]]:
     else:
         found = (re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k) for k in keys)
         depth = 1 + max((int(m.group(1)) for m in found if m), default=-1)
-    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     num_heads = 0
     for i in range(depth):
-        bp, idx = (
-            ("Transformer/encoderblock/", i)
-            if scanned
-            else (f"Transformer/encoderblock_{i}/", None)
-        )
-        ap, out = f"{bp}MultiHeadDotProductAttention_{mha}/", f"blocks.{i}."
-        sd[out + "norm1.weight"] = get(bp + "LayerNorm_0/scale", idx)
-        sd[out + "norm1.bias"] = get(bp + "LayerNorm_0/bias", idx)
-        q = get(ap + "query/kernel", idx)  # (D, heads, head_dim)
-        num_heads = q.shape[1]
-        sd[out + "attn.qkv.weight"] = torch.cat(
-            [get(ap + f"{n}/kernel", idx).flatten(1).T for n in ("query", "key", "value")]
-        )
-        sd[out + "attn.qkv.bias"] = torch.cat(
-            [get(ap + f"{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
-        )
-        sd[out + "attn.proj.weight"] = get(ap + "out/kernel", idx).permute(2, 0, 1).flatten(1)
-        sd[out + "attn.proj.bias"] = get(ap + "out/bias", idx)
-        sd[out + "norm2.weight"] = get(bp + f"LayerNorm_{ln2}/scale", idx)
-        sd[out + "norm2.bias"] = get(bp + f"LayerNorm_{ln2}/bias", idx)
-        for r in range(2):
-            sd[out + f"mlp.fc{r + 1}.weight"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/kernel", idx).T
-            sd[out + f"mlp.fc{r + 1}.bias"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/bias", idx)
+        if scanned:
+            num_heads = _jax_block(get, sd, i, "Transformer/encoderblock/", i, big_vision)
+        else:
+            num_heads = _jax_block(get, sd, i, f"Transformer/encoderblock_{i}/", None, big_vision)
     return sd, num_heads, notes
+
+
+def _jax_block(get, sd: dict, i: int, bp: str, idx: int | None, big_vision: bool) -> int:
+    """The arrays of encoder block `i` (under `bp`, at `idx` of scanned arrays) into `sd` as
+    blocks.i.*; returns its number of heads."""
+    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    ap, out = f"{bp}MultiHeadDotProductAttention_{mha}/", f"blocks.{i}."
+    sd[out + "norm1.weight"] = get(bp + "LayerNorm_0/scale", idx)
+    sd[out + "norm1.bias"] = get(bp + "LayerNorm_0/bias", idx)
+    q = get(ap + "query/kernel", idx)  # (D, heads, head_dim)
+    sd[out + "attn.qkv.weight"] = torch.cat(
+        [get(ap + f"{n}/kernel", idx).flatten(1).T for n in ("query", "key", "value")]
+    )
+    sd[out + "attn.qkv.bias"] = torch.cat(
+        [get(ap + f"{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
+    )
+    sd[out + "attn.proj.weight"] = get(ap + "out/kernel", idx).permute(2, 0, 1).flatten(1)
+    sd[out + "attn.proj.bias"] = get(ap + "out/bias", idx)
+    sd[out + "norm2.weight"] = get(bp + f"LayerNorm_{ln2}/scale", idx)
+    sd[out + "norm2.bias"] = get(bp + f"LayerNorm_{ln2}/bias", idx)
+    for r in range(2):
+        sd[out + f"mlp.fc{r + 1}.weight"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/kernel", idx).T
+        sd[out + f"mlp.fc{r + 1}.bias"] = get(bp + f"MlpBlock_{mlp}/Dense_{r}/bias", idx)
+    return q.shape[1]

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import _load_weights
 
 import checkpoint as ckpt_io
-import pretrained
+import pretrained_sources
 from config import Config, apply_overrides, validate
 from conftest import train_smoke
 from finetune import freeze_all_but_head, param_groups_layer_decay, unfreeze_all
@@ -584,7 +584,7 @@ def offline(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pretrained_sources, "hub_reachable", lambda timeout=3.0: False)
 
 
 def test_offline_timm_name_fails_clearly(offline):

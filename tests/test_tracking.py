@@ -3,6 +3,8 @@ every way a tracker can fail while training goes on with a complete local record
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -16,9 +18,11 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tracking
+import tracking_mlflow
 from config import Config
 from conftest import ROOT, train_smoke
 
@@ -85,14 +89,14 @@ def test_mlflow_keys_and_params_are_valid_for_mlflow():
     from mlflow.utils.validation import path_not_unique, validate_param_and_metric_name
 
     for name in ("train/loss", "val acc@1 (top)", "a//b", "/lead/", "x:y", "../up", "é/ü", "."):
-        key = tracking.mlflow_key(name)
+        key = tracking_mlflow.mlflow_key(name)
         assert validate_param_and_metric_name(key) and ":" not in key, key
         assert not path_not_unique(key), key
-    assert tracking.mlflow_key("train/loss") == "train/loss"
-    assert tracking.mlflow_key("val acc@1") == "val acc_1"
-    assert tracking.mlflow_key("/a//b/") == "a/b"
-    assert tracking.mlflow_param((0.5, 0.5, 0.5)) == "(0.5, 0.5, 0.5)"
-    assert tracking.mlflow_param("x" * 7000) == "x" * 6000
+    assert tracking_mlflow.mlflow_key("train/loss") == "train/loss"
+    assert tracking_mlflow.mlflow_key("val acc@1") == "val acc_1"
+    assert tracking_mlflow.mlflow_key("/a//b/") == "a/b"
+    assert tracking_mlflow.mlflow_param((0.5, 0.5, 0.5)) == "(0.5, 0.5, 0.5)"
+    assert tracking_mlflow.mlflow_param("x" * 7000) == "x" * 6000
     assert tracking.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {
         "a": 1,
         "b/c": 2,
@@ -137,6 +141,47 @@ def test_a_backend_failing_mid_run_is_switched_off_with_one_warning(tmp_path, ca
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert (tmp_path / "run" / "artifacts" / "params.json").is_file()
     assert run.summary().startswith("tracking: flaky stopped during the run")
+
+
+def test_import_tracking_loads_no_backend():
+    code = "import sys, tracking; print(sorted(m for m in sys.modules if 'mlflow' in m or 'neptune' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT / "source",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_log_model_is_a_no_op_without_a_model_format_and_never_stops_training(tmp_path, caplog):
+    local = tracking.make_tracker(Config(tracker="none"), tmp_path / "none", "none")
+    assert local.log_model(tmp_path / "model.pth", register_name="vit") == ""
+    local.finish()
+
+    class Broken(FlakyBackend):
+        def log_model(self, *args, **kwargs):
+            raise RuntimeError("registry is read-only")
+
+    backend = Broken()
+    run = tracking.Fanout(tracking.LocalRecord(tmp_path / "run"), backend)
+    assert run.log_model(tmp_path / "model.pth", register_name="vit") == ""
+    assert tracker_warnings(caplog) == [
+        "flaky could not log the model (RuntimeError: registry is read-only); the checkpoint "
+        "is among the run's artifacts"
+    ]
+    run.log_metrics({"train/loss": 1.0}, 1)
+    assert run.backend is backend and len(backend.calls) == 1  # still on
+
+
+def test_resolve_model_uri_passes_paths_through(tmp_path):
+    assert tracking_mlflow.resolve_model_uri("metadata/models/model.pth") == Path(
+        "metadata/models/model.pth"
+    )
+    assert tracking_mlflow.resolve_model_uri(tmp_path / "m.pth") == tmp_path / "m.pth"
+    with pytest.raises(tracking_mlflow.ModelUriError, match="holds no checkpoint artifact"):
+        tracking_mlflow.checkpoint_in_model(tmp_path)
 
 
 def test_local_run_reopened_for_evaluation_appends_and_keeps_its_status(tmp_path):
@@ -200,7 +245,7 @@ def test_mlflow_run_matches_the_local_record(mlflow_uri, mlflow_run, tmp_path):
     run_dir = mlflow_run / "runs" / "smoke"
     info = json.loads((run_dir / "tracker.json").read_text())
     assert info["backend"] == "mlflow" and info["tracking_uri"] == mlflow_uri
-    assert info["experiment"] == tracking.DEFAULT_EXPERIMENT
+    assert info["experiment"] == tracking_mlflow.DEFAULT_EXPERIMENT
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
 
@@ -272,8 +317,9 @@ def test_open_run_without_id_starts_an_evaluation_run(mlflow_uri, tmp_path, monk
     run.log_metrics({"test/accuracy": 0.5}, 0)
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    run.log_figure(fig, "confusion_matrix.png")
+    fig.savefig(tmp_path / "confusion_matrix.png")
     plt.close(fig)
+    run.log_artifact(tmp_path / "confusion_matrix.png")
     run.finish()
 
     client = MlflowClient(mlflow_uri)
@@ -314,18 +360,20 @@ def test_resumed_training_continues_the_same_mlflow_run(mlflow_uri, tmp_path, mo
 def test_make_mlflow_ui_opens_the_default_store():
     makefile = (ROOT / "Makefile").read_text()
     target = makefile[makefile.index("\nmlflow-ui:") :].split("\n\n")[0]
-    assert f"--backend-store-uri {tracking.DEFAULT_MLFLOW_URI}" in target
+    assert f"--backend-store-uri {tracking_mlflow.DEFAULT_MLFLOW_URI}" in target
 
 
 # ---- MLflow: a real tracking server ---------------------------------------------------------
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, log_file: Path):
+def start_mlflow_server(
+    backend_uri: str, artifacts: Path, log_file: Path, where: str = "--artifacts-destination"
+):
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--backend-store-uri", backend_uri]
-        + ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1"]
+        + [where, str(artifacts), "--host", "127.0.0.1"]
         + ["--port", str(port), "--workers", "1"],
         stdout=log_file.open("w"),
         stderr=subprocess.STDOUT,
@@ -413,10 +461,123 @@ def test_mlflow_server_through_its_uri_and_going_down_mid_run(
     assert "mlflow stopped during the run" in down.summary()
 
 
+def png_bytes(image) -> bytes:
+    from torchvision.transforms import v2
+
+    buffer = io.BytesIO()
+    v2.functional.to_pil_image(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start_model_server(model_uri: str, log_file: Path):
+    """`mlflow models serve` in this environment (no conda); (process, url) once it answers."""
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log_file.open("w"),
+        stderr=subprocess.STDOUT,
+        # It starts `uvicorn` from PATH: this environment's, as an activated venv would.
+        env={**os.environ, "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ['PATH']}"},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited: {log_file.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow models serve not up in 120 s: {log_file.read_text()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_best_model_is_registered_loaded_and_served_by_mlflow(
+    mlflow_uri, smoke_model, tmp_path, monkeypatch
+):
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    import preprocessing as P
+    from checkpoint import config_from_checkpoint, load_checkpoint
+    from predict import Predictor
+
+    cfg = config_from_checkpoint(load_checkpoint(smoke_model))
+    images = [png_bytes(image) for image in P.load_splits(cfg).test.images[:24]]
+    (tmp_path / "digit.png").write_bytes(images[0])
+    predictor = Predictor(smoke_model, device="cpu")
+    expected = predictor.predict(images + [tmp_path / "digit.png"], topk=1)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"stands in for the ONNX export: attached to the model, not run")
+    uri = "models:/vit-smoke@candidate"
+    server, url = start_mlflow_server(
+        mlflow_uri, tmp_path / "art", tmp_path / "server.log", "--default-artifact-root"
+    )
+    serving = None
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "registry")
+        logged = []
+        for name, attached in (("first", None), ("second", onnx)):
+            run = tracking.make_tracker(Config(tracker="mlflow"), tmp_path / "runs" / name, name)
+            logged.append(run.log_model(smoke_model, onnx_path=attached, register_name="vit-smoke"))
+            run.finish()
+        assert logged == [f"{uri} (version 1)", f"{uri} (version 2)"]
+        client = MlflowClient(url)
+        version = client.get_model_version_by_alias("vit-smoke", "candidate")
+        assert version.version == "2" and version.run_id == run.run_id  # the alias moved
+
+        # The registered model predicts what Predictor predicts: bytes and paths alike.
+        model = mlflow.pyfunc.load_model(uri)
+        out = model.predict(pd.DataFrame({"image": images + [str(tmp_path / "digit.png")]}))
+        assert list(out.columns) == ["label", "probability", "error"]
+        assert out["label"].tolist() == [p.predicted for p in expected]
+        np.testing.assert_allclose(out["probability"], [p.probability for p in expected])
+        assert out["error"].isna().all()
+        assert model.predict(images[:3])["label"].tolist() == out["label"].tolist()[:3]
+        bad = model.predict(pd.DataFrame({"image": [b"not an image"]}))
+        assert bad["label"].isna().all() and bad["error"].notna().all()
+
+        # The checkpoint and the ONNX file are the model's artifacts; the app and API get a path.
+        checkpoint = tracking_mlflow.resolve_model_uri(uri, tmp_path / "download")
+        assert checkpoint.read_bytes() == smoke_model.read_bytes()
+        assert (checkpoint.parent / "model.onnx").read_bytes() == onnx.read_bytes()
+        code = {p.name for p in (tmp_path / "download" / "code").iterdir()}
+        assert {"predict.py", "mlflow_pyfunc.py", "checkpoint.py"} <= code
+
+        # `mlflow models serve` answers on the loopback: base64 images in, predictions out.
+        serving, serve_url = start_model_server(uri, tmp_path / "serve.log")
+        body = json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["image"],
+                    "data": [[base64.b64encode(data).decode()] for data in images[:4]],
+                }
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{serve_url}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())["predictions"]
+        assert [row["label"] for row in answer] == [p.predicted for p in expected[:4]]
+    finally:
+        if serving is not None:
+            stop_server(serving)
+        stop_server(server)
+
+
 def test_unreachable_mlflow_server_gives_up_in_seconds(tmp_path, monkeypatch, caplog):
     import mlflow  # noqa: F401 - imported here so that the timing below is the tracker's
 
-    for key in tracking.MLFLOW_HTTP_DEFAULTS:
+    for key in tracking_mlflow.MLFLOW_HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:s3cret-pw@127.0.0.1:{free_port()}")
     start = time.monotonic()
