@@ -1,0 +1,143 @@
+"""Training across machines, run here on one (issue 29): two torchrun launches that meet
+through a c10d rendezvous as two nodes of one process each, and torchrun's elastic agent
+restarting a worker group after one worker is SIGKILLed, the restarted run resuming with
+`--resume auto`. Gloo on CPU; the manifests in kubernetes/jobs/ run the same commands.
+
+    .venv/bin/python -m pytest tests/test_multinode.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT
+
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="no torchrun beside python")
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    # As tests/test_reliability.py's two-process run: the smoke preset, no drop-path (its
+    # random draws differ between ranks' layouts), a global batch of 32 in two processes.
+    return [
+        str(ROOT / "source" / "train.py"), "--preset", "smoke", "--tracker", "none",
+        "--drop-path-rate", "0", "--epochs", "1", "--limit-train-batches", "4",
+        "--batch-size", "16",
+        "--model-path", str(out / "model.pth"), "--results-dir", str(out / "r"),
+        "--classes-path", str(out / "classes.txt"), "--runs-dir", str(out / "runs"),
+        *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resume_state(out: Path) -> dict:
+    return torch.load(out / "model.resume.pth", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_node_with_two_processes(tmp_path):
+    one_node = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", *train_args(tmp_path / "one")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    # Two "nodes" sharing one output folder, as pods share the ReadWriteMany volume.
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             "--rdzv-id", "two-nodes", *train_args(tmp_path / "two")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for proc in (one_node, *nodes):
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-3000:]
+    a, b = resume_state(tmp_path / "one"), resume_state(tmp_path / "two")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 4)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        # The same ranks, shards and Gloo all-reduce whether the processes share a node.
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    model = torch.load(tmp_path / "two" / "model.pth", map_location="cpu", weights_only=True)
+    assert model["state_dict"].keys() == a["model"].keys()
+
+
+def workers(agent: psutil.Process) -> dict[int, psutil.Process]:
+    """torchrun's worker processes by LOCAL_RANK."""
+    found = {}
+    for child in agent.children(recursive=True):
+        try:
+            rank = child.environ().get("LOCAL_RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if rank is not None and "train.py" in " ".join(child.cmdline()):
+            found[int(rank)] = child
+    return found
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_resumes_from_the_last_save(tmp_path):
+    out = tmp_path / "run"
+    # --save-every-minutes 0: a resume state after every step, so the restart loses none.
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+           *train_args(out, "--limit-train-batches", "12", "--resume", "auto",
+                       "--save-every-minutes", "0")]  # fmt: skip
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as sink:
+        agent = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and agent.poll() is None:
+            if (out / "model.resume.pth").exists():
+                state = resume_state(out)
+                if state["epoch"] == 0 and 2 <= state["batch"] <= 8:
+                    break  # mid-epoch, with steps left in it
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no mid-epoch resume state:\n{log.read_text()[-3000:]}")
+        killed_at = (state["epoch"], state["batch"])
+        victim = workers(psutil.Process(agent.pid))[1]
+        victim.send_signal(signal.SIGKILL)
+        agent.wait(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    text = log.read_text()
+    assert agent.returncode == 0, text[-3000:]
+    assert "exitcode: -9" in text, text[-3000:]  # torchrun saw the SIGKILL
+    resumed = [ln for ln in text.splitlines() if ln.startswith("resumed ")]
+    assert len(resumed) == 1, text[-3000:]  # the first start had no state: it started fresh
+    epoch, batch = _epoch_batch(resumed[0])
+    assert (epoch - 1, batch) >= killed_at, (resumed[0], killed_at)  # nothing older
+    final = resume_state(out)
+    assert (final["epoch"], final["batch"]) == (1, 0) and final["step"] == 12
+    model = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
+    for key in ("state_dict", "config", "classes", "preprocessing"):
+        assert key in model, key
+    assert model["state_dict"].keys() == final["model"].keys()
+    assert all(torch.isfinite(t).all() for t in model["state_dict"].values())
+
+
+def _epoch_batch(line: str) -> tuple[int, int]:
+    """(epoch, batch) from train.py's `resumed <file>: epoch E, batch B, step S`."""
+    tail = line.rsplit(": ", 1)[1]
+    parts = dict(p.strip().split(" ") for p in tail.split(","))
+    return int(parts["epoch"]), int(parts["batch"])
