@@ -1,6 +1,11 @@
-"""The walkthrough notebook runs top to bottom (so it never rots) and is stored without outputs."""
+"""The walkthrough notebook runs top to bottom (so it never rots), draws every figure it makes,
+and is stored without outputs."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -8,17 +13,31 @@ import pytest
 from conftest import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "ViT.ipynb"
+# A cell draws when it shows a matplotlib figure or displays an image file.
+DRAWS = re.compile(r"(?<!def )\bshow\(|display\(Image\(")
+
+
+def code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
 
 
 def test_notebook_is_stored_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(nbformat.read(NOTEBOOK, as_version=4))
     assert code, "the notebook has no code cells"
     assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-@pytest.mark.slow
-def test_notebook_executes_without_errors():
+def test_the_drawing_cells_are_found():
+    drawing = [
+        c for c in code_cells(nbformat.read(NOTEBOOK, as_version=4)) if DRAWS.search(c.source)
+    ]
+    # samples, patches, training curves, the report, attention maps
+    assert len(drawing) >= 5
+    assert any("attention_viz" in c.source for c in drawing)
+
+
+@pytest.fixture(scope="module")
+def executed():
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -28,7 +47,51 @@ def test_notebook_executes_without_errors():
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     ).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    return nb
+
+
+@pytest.mark.slow
+def test_notebook_executes_without_errors(executed):
+    outputs = [o for c in code_cells(executed) for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # the figures: samples, patches, curves, report, attention
+
+
+@pytest.mark.slow
+def test_every_drawing_cell_shows_an_image(executed):
+    """The attention cell comes after the training run, which once switched matplotlib to Agg
+    inside the kernel, so its figure was never shown; the cells before it still were."""
+    for cell in code_cells(executed):
+        if DRAWS.search(cell.source):
+            images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            first_line = cell.source.splitlines()[0]
+            assert images, f"the cell starting `{first_line}` drew no image"
+
+
+@pytest.mark.slow
+def test_training_leaves_matplotlib_backend_alone(tmp_path):
+    """The root of the notebook's blank attention cell: library code that plots must not switch
+    the caller's pyplot backend (the notebook's is inline; svg stands for it here)."""
+    script = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+
+sys.path.insert(0, {str(ROOT / "source")!r})
+import train
+
+out = {str(tmp_path)!r}
+status = train.main([
+    "--preset", "smoke", "--tracker", "none", "--run-name", "backend",
+    "--model-path", out + "/model.pth", "--results-dir", out + "/results",
+    "--classes-path", out + "/classes.txt", "--runs-dir", out + "/runs",
+])
+assert status == 0, status
+print("backend:", matplotlib.get_backend())
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any((tmp_path / "results").glob("*.png")), "training drew no plot: nothing was tested"
+    assert "backend: svg" in proc.stdout, proc.stdout[-500:]
