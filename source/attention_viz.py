@@ -321,13 +321,12 @@ def figure(explanation: Explanation, title: str = ""):
     """The image, the rollout overlay side by side with a colour bar (the attention each
     colour stands for), each layer's attention below; the top-5 predictions in the title.
     Returns the matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
+    from report import pyplot
+
+    plt = pyplot()
     layers = explanation.layer_maps
     cols = max(2, min(len(layers), 6))
     layer_rows = math.ceil(len(layers) / cols)

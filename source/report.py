@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,10 +54,14 @@ def short_name(name, width: int = 24) -> str:
 
 
 def pyplot():
-    """matplotlib's pyplot on the Agg backend: files only, no window."""
+    """matplotlib's pyplot; Agg (files only, no window) unless the caller chose a backend.
+
+    A notebook or a script that imported pyplot first, or set MPLBACKEND, keeps its backend:
+    switching it globally would leave a notebook's later `plt.show()` drawing nothing."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
