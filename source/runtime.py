@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 
+class DeviceError(RuntimeError):
+    """A device asked for that is not there; the message names the fix."""
+
+
 def select_device(name: str = "auto") -> torch.device:
     """auto picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name == "auto":
@@ -23,9 +27,9 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+        raise DeviceError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+        raise DeviceError(f"--device {name}: MPS is not available here; use --device auto or cpu")
     return device
 
 
