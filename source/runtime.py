@@ -50,11 +50,12 @@ def set_torch_threads(requested: int) -> int:
     return torch.get_num_threads()
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
+def autocast_for(device: torch.device, enabled: bool = True, *, cpu: bool = False):
     """A no-argument factory of the autocast context: bf16 on CUDA (no loss scaling needed)
     and on MPS where this torch supports it; full precision on CPU, where bf16 autocast is
-    slower than fp32 on most machines."""
-    if enabled and device.type in ("cuda", "mps"):
+    slower than fp32 on most machines, unless `cpu` asks for bf16 there too (tests, CPUs
+    with bf16 matrix units)."""
+    if enabled and (device.type in ("cuda", "mps") or (cpu and device.type == "cpu")):
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 pass

@@ -51,6 +51,7 @@ from train_state import (
     save_best,
     save_resume,
     wants_resume,
+    write_classes,
 )
 from training import (
     EpochSampler,
@@ -185,8 +186,8 @@ def resume_state(resume_file, loop: Loop, main_process: bool) -> TrainState:
 
 
 def write_run_files(cfg, classes, run_dir: Path) -> None:
-    P.write_classes(classes, cfg.classes_path)
-    P.write_classes(classes, run_dir / "classes.txt")
+    write_classes(classes, cfg.classes_path)
+    write_classes(classes, run_dir / "classes.txt")
     cfg.to_json(run_dir / "config.json")
 
 

@@ -80,6 +80,12 @@ def wants_resume(setting: str, path) -> bool:
 # ---- the best model ----------------------------------------------------------------------------
 
 
+def write_classes(classes, path) -> None:
+    """classes.txt: the class names, one a line, in index order."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(classes) + "\n")
+
+
 def save_best(checkpoint: dict, model_path, run_dir) -> None:
     """The best model so far, at --model-path and in the run's own folder."""
     ckpt_io.save_checkpoint(checkpoint, model_path)
