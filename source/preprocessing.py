@@ -278,15 +278,15 @@ def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
 
 
 def check_not_empty(datasets: dict, carved: list, cfg) -> None:
-    """An empty split cannot be evaluated: name it and the fix (not a metric's error later)."""
+    """An empty split (by mistake: a fraction of 0 asks for none) in one clear error."""
     for name in (n for n in ("val", "test") if not len(datasets[n])):
+        fraction = getattr(cfg, f"{name}_fraction")
         fix = "add images to it, or leave it out to carve it from the training images"
         if name in carved:  # stratified_split rounds each class's share, n * fraction
-            fraction = getattr(cfg, f"{name}_fraction")
-            need = f"{int(0.5 / fraction) + 1} or more" if fraction else "more"
-            fix = (f"give classes {need} images, raise --{name}-fraction (now {fraction}), "
-                   "or give the split itself (a folder, or a split column in the CSV)")  # fmt: skip
-        raise DataError(f"the {name} split has no images; {fix}")
+            fix = (f"give classes {int(0.5 / (fraction or 1)) + 1}+ images, raise --{name}-"
+                   "fraction, or give the split (a folder, a CSV split column)")  # fmt: skip
+        if fraction or name not in carved:
+            raise DataError(f"the {name} split has no images; {fix}")
 
 
 def load_digits_splits(cfg) -> Splits:
@@ -464,8 +464,7 @@ def eval_transform(image_size: int, mean, std) -> v2.Compose:
 
 @functools.cache
 def loader_workers(requested: int) -> int:
-    """As many DataLoader workers as asked, but no more than the usable cores (the affinity
-    mask), where more only compete; says so (once) when it lowers the number."""
+    """The workers asked for, at most the usable cores (the affinity mask); says so once."""
     cores = default_threads()
     if requested > cores:
         log.warning(

@@ -107,7 +107,7 @@ def run(argv=None) -> int:
     if main_process:
         print_config(cfg, args.preset, layered.explicit)
     seed_everything(cfg.seed)
-    splits = P.with_transforms(P.load_splits(cfg), cfg)
+    splits = P.with_transforms(needs_val_and_test(P.load_splits(cfg)), cfg)
     classes = splits.classes
     model, teacher, pretrained_info = build_models(cfg, classes, device, resuming, main_process)
     loop = make_loop(cfg, splits, model, teacher, device, rank, world)
@@ -170,6 +170,17 @@ def run(argv=None) -> int:
         return 0
     final_report(cfg, state, (test_loader, val_loader), device, loop.autocast, tracker, run_dir)
     return 0
+
+
+def needs_val_and_test(splits):
+    """Training validates every epoch and tests the best model: both splits need images."""
+    for name in ("val", "test"):
+        if not len(getattr(splits, name)):
+            raise P.DataError(
+                f"the {name} split has no images, and training needs one; raise "
+                f"--{name}-fraction above 0 or give the data a {name} split"
+            )
+    return splits
 
 
 def resume_state(resume_file, loop: Loop, main_process: bool) -> TrainState:
