@@ -18,6 +18,13 @@ FALSE = {"0", "false", "no", "off"}
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults after every option; the docstring's examples kept as written."""
 
+    def _format_action_invocation(self, action):
+        if isinstance(action, FlagAction):  # --flag [true|false], --no-flag (no value)
+            positive = [s for s in action.option_strings if not s.startswith("--no-")]
+            negative = [s for s in action.option_strings if s.startswith("--no-")]
+            return ", ".join([f"{s} [{action.metavar}]" for s in positive] + negative)
+        return super()._format_action_invocation(action)
+
 
 def parse_bool(value: str | bool) -> bool:
     """'true'/'false' (and yes/no, on/off, 1/0) for options given a value."""

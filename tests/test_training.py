@@ -670,8 +670,9 @@ def test_max_minutes_stops_a_real_run(tmp_path, monkeypatch, sigterm_guard):
     state = read_ckpt(C.resume_path(model))
     assert state["epoch"] == 1 and len(state["history"]) == 1  # stopped in epoch 1 of 50
     assert 1 <= state["step"] < 4  # mid-epoch: the smoke preset's epoch has 4 steps
-    assert C.load_checkpoint(model)["metrics"]["test"]["num_samples"] == 269  # and reported
-    assert state["history"][0]["lr"] == pytest.approx(Config().min_lr, rel=0.5)  # schedule end
+    assert C.load_checkpoint(model)["metrics"]["test"]["num_samples"] == 32  # and reported
+    # the schedule fits the budget: the last step's lr is far down the cosine
+    assert state["history"][0]["lr"] < 0.25 * PRESETS["smoke"]()["lr"]
 
 
 @pytest.mark.slow
