@@ -415,12 +415,14 @@ def training_closures(model, cfg, batch: int):
     import torch
     import torch.nn.functional as F
 
-    from training import make_optimizer, param_groups
+    from finetune import param_groups_layer_decay
+    from training import make_optimizer
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen)
     y = torch.randint(0, model.num_classes, (batch,), generator=gen)
-    optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg, torch.device("cpu"))
+    groups = param_groups_layer_decay(model, cfg.weight_decay, layer_decay=1.0)
+    optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
     model.train()
 
     def loss_fn():

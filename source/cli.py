@@ -18,6 +18,13 @@ FALSE = {"0", "false", "no", "off"}
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults after every option; the docstring's examples kept as written."""
 
+    def _format_action_invocation(self, action):
+        if isinstance(action, FlagAction):  # --flag [true|false], --no-flag (no value)
+            positive = [s for s in action.option_strings if not s.startswith("--no-")]
+            negative = [s for s in action.option_strings if s.startswith("--no-")]
+            return ", ".join([f"{s} [{action.metavar}]" for s in positive] + negative)
+        return super()._format_action_invocation(action)
+
 
 def parse_bool(value: str | bool) -> bool:
     """'true'/'false' (and yes/no, on/off, 1/0) for options given a value."""
@@ -47,3 +54,42 @@ def quiet_broken_pipe(main, argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+class FlagAction(argparse.Action):
+    """A boolean option that works as `--flag`, `--no-flag` and `--flag true|false`
+    (argparse's BooleanOptionalAction, plus an explicit value).
+
+    `extra` names further values an option accepts beside true and false, e.g. ("auto",)
+    for `--resume auto`; they are stored as the lower-case string. Bare `--flag` stores
+    True, `--no-flag` False, and the default stays as given (argparse.SUPPRESS included).
+    """
+
+    def __init__(self, option_strings, dest, default=None, extra=(), help=None, **kwargs):
+        negatives = ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
+        self.extra = tuple(extra)
+        values = "|".join(("true", "false", *self.extra))
+        kwargs.setdefault("metavar", values)
+        super().__init__(
+            [*option_strings, *negatives], dest, nargs="?", default=default, help=help, **kwargs
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"{option_string} takes no value")
+            value = False
+        elif values is None:
+            value = True
+        elif str(values).strip().lower() in self.extra:
+            value = str(values).strip().lower()
+        else:
+            try:
+                value = parse_bool(values)
+            except argparse.ArgumentTypeError as err:
+                choices = ", ".join(("true", "false", *self.extra))
+                raise argparse.ArgumentError(self, f"{err} (one of {choices})") from None
+        setattr(namespace, self.dest, value)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)

@@ -2,20 +2,30 @@
 
     python source/config.py --preset cifar10 --depth 8     # print the resolved config
 
-Every script builds its Config with `parse_config(argv)`: a preset (default `digits`),
-then an optional `--config file.json`, then `--model-size tiny|small|base`, then any
-`--key value` overrides (dashes or underscores), each type-checked against the field.
+Every script builds its Config from layers, each over the one before: a preset (default
+`digits`), then what a `--pretrained` model implies (its shape and normalisation), then an
+optional `--config file.json`, then `--key value` options (dashes or underscores), each
+type-checked against the field; `--model-size tiny|small|base` fills the shape within its
+layer. `layer_config` also reports which keys the user set (file or command line). Each
+field's comment below is its `--help` text.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
 import json
 import sys
+import tokenize
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from cli import FlagAction, HelpFormatter
+from recipe import PRESETS
 
 
 @dataclass
@@ -101,7 +111,7 @@ class Config:
     runs_dir: str = "runs"  # one local folder a run: config, metrics, plots
     run_name: str = ""  # name of the run folder and tracker run; "" = time-stamped
     tracker: str = "mlflow"  # mlflow | neptune | none
-    resume: bool = False  # continue from <model_path>.resume.pth
+    resume: str = "false"  # continue from <model_path>.resume.pth: true | false | auto (if there)
     save_every_minutes: float = 10.0  # also write the resume state this often mid-epoch
     log_every: int = 10  # log train loss and lr every this many steps
 
@@ -140,155 +150,19 @@ MODEL_SIZES = {
 }
 
 
-def _digits() -> dict:
-    """The default: sklearn's 1,797 8x8 digits at 16 px, a CCT-style conv tokenizer and an
-    EMA of the weights, in a 2.5-minute budget. `python source/train.py --seed S` on 2 CPU cores,
-    seeds 1-9 and 42: 98.5-100% test accuracy, mean 99.18% (0 to 4 of the 269 test images wrong;
-    README: learning quality).
-    """
-    return dict(
-        data="digits",
-        image_size=16,
-        patch_size=4,
-        tokenizer="conv",
-        ema_decay=0.99,
-        embed_dim=128,
-        depth=6,
-        num_heads=4,
-        mlp_ratio=2.0,
-        hflip=False,
-        crop_scale=0.8,
-        epochs=80,
-        batch_size=64,
-        lr=2e-3,
-        warmup_fraction=0.05,
-        drop_path_rate=0.1,
-        # Both threads for PyTorch, loading in the main process (the images are decoded once
-        # and tiny): 21 epochs a minute on 2 cores, against 16 with one thread and 18 with a
-        # loader worker.
-        num_workers=0,
-        threads=2,
-        max_minutes=2.5,
-    )
-
-
-def _smoke() -> dict:
-    """Tests: a tiny model and a few batches. `train.py --preset smoke` runs in seconds."""
-    return dict(
-        _digits(),
-        image_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        epochs=2,
-        batch_size=32,
-        limit_train_batches=4,
-        max_minutes=0.0,
-        tracker="none",
-    )
-
-
-def _cifar10() -> dict:
-    """CIFAR-10-like data (32 px) on a CPU: a small ViT with a CCT-style conv tokenizer,
-    TrivialAugment and a class token, in a 30-minute budget.
-
-    python source/train.py --preset cifar10 --data path/to/images --max-minutes 15
-    Measured on 10,000 CIFAR-10 images (benchmarks/learning.py, 2 AMD EPYC cores):
-    65.4-66.0% test accuracy after 15 minutes (two runs), 69.7-70.8% after 30 (three runs,
-    mean 70.3%); on 2 cores of a faster Intel Xeon: 70.8% after 15, 71.1% after 30 (README:
-    learning quality). Under 15 minutes add --augment none (5 minutes: 59.1% without
-    TrivialAugment, 55.9% and 56.0% with; on the Xeon 66.5% without, 59.1% with; at 15
-    minutes there TrivialAugment wins, 70.8% against 68.9%). On a GPU use the cifar10-gpu
-    preset (not measured here: no GPU was available).
-    """
-    return dict(
-        data="cifar10",
-        image_size=32,
-        patch_size=4,
-        tokenizer="conv",
-        # The class token, no EMA and no stochastic depth: dropping sequence pooling, the EMA
-        # (0.99) and drop path 0.1 together gained points at 15 and 30 minutes (66.4% vs
-        # 64.1%; 68.3% vs 67.0%). TrivialAugment then adds 2.1 points at 30 minutes (70.4%)
-        # and costs 0.4 at 15 (66.0%).
-        pool="cls",
-        embed_dim=128,
-        depth=4,
-        num_heads=4,
-        mlp_ratio=2.0,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        crop_scale=0.8,
-        augment="trivialaugment",
-        ema_decay=0.0,
-        drop_path_rate=0.0,
-        epochs=200,
-        # Small batches: on a CPU budget the number of steps limits learning, and batches of
-        # 32 run about as many images/s as 128 here (5 minutes, crop 0.8: 52.5% at 32, 51.1%
-        # at 64; 42.1% at 128 with crop 0.6).
-        batch_size=32,
-        lr=1e-3,
-        num_workers=1,
-        max_minutes=30.0,
-    )
-
-
-def _cifar10_gpu() -> dict:
-    """CIFAR-10 on one GPU: CCT-7/3x1 (Hassani et al. 2021: 94.8% in 200 epochs; one 3x3
-    conv + max-pool tokenizer, 7 blocks of width 256, sequence pooling) with TrivialAugment,
-    MixUp/CutMix, bf16 autocast and torch.compile. Not yet measured on a GPU here.
-
-    python source/train.py --preset cifar10-gpu --data cifar10 --max-minutes 15
-    """
-    return dict(
-        _cifar10(),
-        patch_size=2,
-        pool="seq",
-        embed_dim=256,
-        depth=7,
-        num_heads=4,
-        crop_scale=0.8,
-        augment="trivialaugment",
-        drop_path_rate=0.1,
-        mixup_alpha=0.8,
-        cutmix_alpha=1.0,
-        ema_decay=0.999,
-        batch_size=256,
-        lr=1.5e-3,
-        num_workers=8,
-        compile=True,
-        max_minutes=15.0,
-    )
-
-
-def _birds() -> dict:
-    """A Kaggle-style folder (train/valid/test, 400 bird species, 224 px): ViT-B/16.
-
-    python source/train.py --preset birds --data path/to/birds
-    """
-    return dict(
-        data="birds",
-        image_size=224,
-        patch_size=16,
-        model_size="base",
-        **MODEL_SIZES["base"],
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        crop_scale=0.5,
-        augment="randaugment",
-        epochs=30,
-        batch_size=64,
-        lr=5e-4,
-        num_workers=8,
-        cache_images=False,
-    )
-
-
-PRESETS = {
-    "digits": _digits,
-    "smoke": _smoke,
-    "cifar10": _cifar10,
-    "cifar10-gpu": _cifar10_gpu,
-    "birds": _birds,
+# Fields with a fixed set of values (validate() checks them; --help lists them).
+CHOICES = {
+    "augment": ("none", "randaugment", "trivialaugment"),
+    "tokenizer": ("patch", "conv"),
+    "pos_embed": ("learn", "sincos"),
+    "pool": ("cls", "mean", "seq"),
+    "balance": ("none", "loss", "sampler"),
+    "distill": ("hard", "soft"),
+    "select_metric": SELECT_METRICS,
+    "threshold_rule": ("f1", "youden", "tpr"),
+    "tracker": ("mlflow", "neptune", "none"),
+    "resume": ("true", "false", "auto"),
+    "model_size": (*MODEL_SIZES, "custom"),
 }
 
 
@@ -333,7 +207,9 @@ def _coerce(name: str, value, kind):
         except (TypeError, ValueError):
             raise ConfigError(f"--{name} expects a number; got {value!r}") from None
     if kind is str:
-        return str(value)
+        if isinstance(value, bool):  # --resume (true|false|auto) from a bool: older configs
+            return "true" if value else "false"
+        return str(value).strip().lower() if name in CHOICES else str(value)
     raise ConfigError(f"--{name} expects a {kind.__name__}; got {value!r}")
 
 
@@ -395,17 +271,7 @@ def validate(cfg: Config) -> Config:
     )
     check(len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values (RGB)")
     check(all(s > 0 for s in cfg.std), "std values must be positive")
-    for name, allowed in (
-        ("augment", ("none", "randaugment", "trivialaugment")),
-        ("tokenizer", ("patch", "conv")),
-        ("pos_embed", ("learn", "sincos")),
-        ("pool", ("cls", "mean", "seq")),
-        ("tracker", ("mlflow", "neptune", "none")),
-        ("balance", ("none", "loss", "sampler")),
-        ("distill", ("hard", "soft")),
-        ("threshold_rule", ("f1", "youden", "tpr")),
-        ("select_metric", SELECT_METRICS),
-    ):
+    for name, allowed in CHOICES.items():
         value = getattr(cfg, name)
         check(value in allowed, f"{name} {value!r} is not one of {', '.join(allowed)}")
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "random_erasing"):
@@ -423,8 +289,27 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+@functools.cache
+def field_help() -> dict[str, str]:
+    """Each field's comment in the Config class above: the one source of its --help text."""
+    source = inspect.getsource(Config)
+    names = {f.name for f in dataclasses.fields(Config)}
+    helps, first = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        row = token.start[0]
+        if token.type == tokenize.NAME and row not in first:
+            first[row] = token.string
+        elif token.type == tokenize.COMMENT and first.get(row) in names:
+            helps[first[row]] = token.string.lstrip("#").strip()
+    return helps
+
+
 class ConfigArgumentParser(argparse.ArgumentParser):
     """argparse, with unknown options answered by the list of valid ones."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments"):
@@ -433,65 +318,100 @@ class ConfigArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config and one --key option per Config field (with its default)."""
-    parser.add_argument(
-        "--preset",
-        default="digits",
-        choices=sorted(PRESETS),
-        help="named starting config (default: digits)",
-    )
-    parser.add_argument(
-        "--config", default=None, help="JSON file of overrides, after --preset (default: none)"
-    )
-    group = parser.add_argument_group("config fields (override the preset)")
-    defaults = Config()
+def chosen_preset(argv) -> str:
+    """The --preset in argv (the default when absent or unknown), for the --help defaults."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--preset", default="digits")
+    name = probe.parse_known_args(list(sys.argv[1:] if argv is None else argv))[0].preset
+    return name if name in PRESETS else "digits"
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value) or '""'
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, preset: str = "digits") -> None:
+    """--preset, --config and one --key option per Config field: its comment as the help,
+    its choices, and the value `preset` gives it. An option not given stays out of the
+    namespace (argparse.SUPPRESS), so the options given are exactly those present."""
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help=(
+        "named starting config; the defaults below are this preset's"))  # fmt: skip
+    parser.add_argument("--config", default="none", help="JSON file of fields, over the preset")
+    group = parser.add_argument_group(f"config fields (defaults: the {preset} preset's values)")
+    values, types, helps = Config.from_dict(PRESETS[preset]()), _field_types(), field_help()
     for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
         flags = ["--" + f.name.replace("_", "-")]
         if "_" in f.name:  # --num_heads works as well as --num-heads
             flags.append("--" + f.name)
-        group.add_argument(
-            *flags,
-            dest="cfg_" + f.name,
-            default=None,
-            metavar=type(default).__name__.upper(),
-            help=f"(Config default: {default})",
+        text = f"{helps.get(f.name, '')} (default: {_show(getattr(values, f.name))})"
+        kwargs = dict(dest="cfg_" + f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        if types[f.name] is bool or f.name == "resume":
+            extra = ("auto",) if f.name == "resume" else ()
+            group.add_argument(*flags, action=FlagAction, extra=extra, **kwargs)
+            continue
+        metavar = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else None
+        group.add_argument(*flags, metavar=metavar or types[f.name].__name__.upper(), **kwargs)
+
+
+def build_parser(argv=None, description: str = "") -> ConfigArgumentParser:
+    """A parser of the config options, its --help showing the defaults of argv's preset."""
+    parser = ConfigArgumentParser(description=description)
+    add_config_arguments(parser, chosen_preset(argv))
+    return parser
+
+
+def read_config_file(name: str) -> dict:
+    """The fields in a --config JSON file, or ConfigError naming what is wrong with it."""
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a JSON file of fields")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON ({err}); fix its syntax") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {path} holds a JSON {type(values).__name__}; it must be an object "
+            'of fields, e.g. {"epochs": 10}'
         )
+    return values
+
+
+@dataclass
+class Layered:
+    config: Config
+    explicit: set  # the fields set by the --config file or the command line
+
+
+def layer_config(args: argparse.Namespace, infer=None) -> Layered:
+    """The preset, then `infer(cfg.pretrained)` (the pretrained model's shape and
+    normalisation, when there is one), then the --config file, then --key options;
+    validated. Raises ConfigError; `infer`'s own errors pass through."""
+    file_values = read_config_file(args.config) if args.config not in (None, "none") else {}
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+
+    def build(inferred: dict) -> Config:
+        cfg = Config.from_dict(PRESETS[args.preset]())
+        for layer in (inferred, file_values, given):
+            apply_overrides(cfg, layer)
+        return cfg
+
+    cfg = build({})
+    if cfg.pretrained and infer is not None:
+        cfg = build(infer(cfg.pretrained))
+    explicit = {k.replace("-", "_") for k in file_values} | set(given)
+    return Layered(validate(cfg), explicit)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Preset, then --config JSON, then --key value; validated."""
-    cfg = Config.from_dict(PRESETS[args.preset]())
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a JSON file of fields")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"config file {path} is not valid JSON ({err}); fix its syntax"
-            ) from None
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"config file {path} holds a JSON {type(values).__name__}; it must be an object "
-                'of fields, e.g. {"epochs": 10}'
-            )
-        apply_overrides(cfg, values)
-    overrides = {
-        key[4:]: value
-        for key, value in vars(args).items()
-        if key.startswith("cfg_") and value is not None
-    }
-    apply_overrides(cfg, overrides)
-    return validate(cfg)
+    return layer_config(args).config
 
 
 def parse_config(argv=None, description: str = "") -> Config:
-    parser = ConfigArgumentParser(description=description)
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(build_parser(argv, description).parse_args(argv))
 
 
 def main(argv=None) -> int:

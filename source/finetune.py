@@ -38,9 +38,10 @@ def param_groups_layer_decay(
     norm, with the last block) layer_decay ** (depth - i), the embeddings
     layer_decay ** (depth + 1).
 
-    Weight decay applies to weight matrices only, as in train.param_groups (ndim >= 2 and not
-    in `no_weight_decay`, by default model.no_weight_decay()). Frozen parameters are left
-    out, so build the optimizer before freezing. Apply the scale in the lr update:
+    Weight decay applies to weight matrices only (ndim >= 2 and not in `no_weight_decay`, by
+    default model.no_weight_decay()); layer_decay=1 gives every group the base rate, the
+    plain AdamW groups train.py uses for any model. Frozen parameters are left out, so build
+    the optimizer before freezing. Apply the scale in the lr update:
     group["lr"] = lr * group["lr_scale"].
     """
     depth = len(getattr(model, "blocks", ()))

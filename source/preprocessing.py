@@ -14,6 +14,7 @@ fixed by the seed, so no image is ever in two splits.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
@@ -25,6 +26,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from runtime import default_threads
 
 log = logging.getLogger("preprocessing")
 
@@ -175,13 +178,11 @@ def _fits_in_memory(samples: list[tuple[str, int]]) -> bool:
 
 
 def scan_images(samples: list[tuple[str, int]], decode: bool = False):
-    """Drop files that are empty, not images, or cannot be decoded.
-
-    decode=False decodes at reduced scale and keeps nothing (large datasets stay lazily
-    decoded); decode=True decodes every pixel and returns the images as uint8 tensors (the
-    in-memory cache), which also catches files truncated after their headers.
-    Returns (good samples, "path: reason" list, images or None).
-    """
+    """Drop files that are empty, not images, or cannot be decoded; returns (good samples,
+    "path: reason" list, images or None). decode=False decodes at reduced scale and keeps
+    nothing (large datasets stay lazily decoded); decode=True decodes every pixel and returns
+    the images as uint8 tensors (the in-memory cache), which also catches files truncated
+    after their headers."""
     good, bad, images = [], [], []
     for path, label in samples:
         if decode:
@@ -272,7 +273,20 @@ def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
             samples = by_split[name]
             paths, targets = [p for p, _ in samples], [t for _, t in samples]
             datasets[name] = ImageDataset(paths, targets, classes, None, cached[name])
+    check_not_empty(datasets, missing, cfg)
     return Splits(datasets["train"], datasets["val"], datasets["test"], classes, skipped)
+
+
+def check_not_empty(datasets: dict, carved: list, cfg) -> None:
+    """An empty split (by mistake: a fraction of 0 asks for none) in one clear error."""
+    for name in (n for n in ("val", "test") if not len(datasets[n])):
+        fraction = getattr(cfg, f"{name}_fraction")
+        fix = "add images to it, or leave it out to carve it from the training images"
+        if name in carved:  # stratified_split rounds each class's share, n * fraction
+            fix = (f"give classes {int(0.5 / (fraction or 1)) + 1}+ images, raise --{name}-"
+                   "fraction, or give the split (a folder, a CSV split column)")  # fmt: skip
+        if fraction or name not in carved:
+            raise DataError(f"the {name} split has no images; {fix}")
 
 
 def load_digits_splits(cfg) -> Splits:
@@ -328,17 +342,21 @@ def load_folder_splits(root: Path, cfg) -> Splits:
     return _from_samples(by_split, classes, cfg)
 
 
-def _pick_column(header: list[str], names: tuple[str, ...], what: str, path: Path) -> str | None:
+# The column names a CSV manifest may use, lower-case; path and label are required.
+CSV_COLUMNS = {
+    "path": ("path", "filepath", "file", "filename", "image", "image name", "image_path"),
+    "label": ("label", "class", "target", "category", "majority vote label"),
+    "split": ("split", "partition", "set", "subset"),
+}
+
+
+def _pick_column(header: list[str], what: str, path: Path) -> str | None:
     lowered = {h.strip().lower(): h for h in header}
-    for name in names:
-        if name in lowered:
-            return lowered[name]
-    if what:
-        raise DataError(
-            f"{path} has no {what} column; name one of: {', '.join(names)} (found: "
-            f"{', '.join(header)})"
-        )
-    return None
+    found = next((lowered[n] for n in CSV_COLUMNS[what] if n in lowered), None)
+    if found is None and what != "split":
+        raise DataError(f"{path} has no {what} column; name one of: "
+                        f"{', '.join(CSV_COLUMNS[what])} (found: {', '.join(header)})")  # fmt: skip
+    return found
 
 
 def load_csv_splits(path: Path, cfg) -> Splits:
@@ -349,16 +367,7 @@ def load_csv_splits(path: Path, cfg) -> Splits:
     if not rows:
         raise DataError(f"{path} has no rows")
     header = list(rows[0])
-    path_col = _pick_column(
-        header,
-        ("path", "filepath", "file", "filename", "image", "image name", "image_path"),
-        "path",
-        path,
-    )
-    label_col = _pick_column(
-        header, ("label", "class", "target", "category", "majority vote label"), "label", path
-    )
-    split_col = _pick_column(header, ("split", "partition", "set", "subset"), "", path)
+    path_col, label_col, split_col = (_pick_column(header, c, path) for c in CSV_COLUMNS)
     classes = sorted({r[label_col].strip() for r in rows})
     by_split: dict = {"train": [], "val": None, "test": None}
     for row in rows:
@@ -453,8 +462,19 @@ def eval_transform(image_size: int, mean, std) -> v2.Compose:
     )
 
 
+@functools.cache
+def loader_workers(requested: int) -> int:
+    """The workers asked for, at most the usable cores (the affinity mask); says so once."""
+    cores = default_threads()
+    if requested > cores:
+        log.warning(
+            "num_workers %d lowered to %d, the cores this process may use", requested, cores
+        )
+    return min(requested, cores)
+
+
 def make_loader(dataset, cfg, *, train: bool, sampler=None) -> DataLoader:
-    workers = cfg.num_workers
+    workers = loader_workers(cfg.num_workers)
     return DataLoader(
         dataset,
         # Its own generator: creating worker seeds must not draw from the global RNG, so a
@@ -477,8 +497,3 @@ def with_transforms(splits: Splits, cfg) -> Splits:
     splits.val.transform = evaluate
     splits.test.transform = evaluate
     return splits
-
-
-def write_classes(classes, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(classes) + "\n")

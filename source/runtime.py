@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 
+class DeviceError(RuntimeError):
+    """A device asked for that is not there; the message names the fix."""
+
+
 def select_device(name: str = "auto") -> torch.device:
     """auto picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name == "auto":
@@ -23,9 +27,9 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+        raise DeviceError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"--device {name}: MPS is not available here; use --device auto or cpu")
+        raise DeviceError(f"--device {name}: MPS is not available here; use --device auto or cpu")
     return device
 
 
@@ -46,11 +50,12 @@ def set_torch_threads(requested: int) -> int:
     return torch.get_num_threads()
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
+def autocast_for(device: torch.device, enabled: bool = True, *, cpu: bool = False):
     """A no-argument factory of the autocast context: bf16 on CUDA (no loss scaling needed)
     and on MPS where this torch supports it; full precision on CPU, where bf16 autocast is
-    slower than fp32 on most machines."""
-    if enabled and device.type in ("cuda", "mps"):
+    slower than fp32 on most machines, unless `cpu` asks for bf16 there too (tests, CPUs
+    with bf16 matrix units)."""
+    if enabled and (device.type in ("cuda", "mps") or (cpu and device.type == "cpu")):
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 pass

@@ -1,6 +1,7 @@
 """The pieces of the training loop that train.py composes: the learning-rate schedule, the
-resumable sampler, the optimizer groups, batch mixing, EMA, SIGTERM handling, and the
-distributed (torchrun) set-up. Each is small and tested on its own.
+resumable sampler, the optimizer, batch mixing, the loss, EMA, SIGTERM handling, the
+distributed (torchrun) set-up, and `train_one_epoch`, which runs them over one epoch and
+returns its statistics or why it stopped. Each is small and tested on its own.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
+from tqdm import tqdm
+
+from distill import DistillationLoss, student_outputs
+from finetune import freeze_all_but_head, unfreeze_all
+from train_state import TrainState
 
 log = logging.getLogger("train")
 
@@ -57,20 +65,6 @@ class Progress:
         if self.budget:
             done = max(done, self.elapsed / self.budget)
         return min(done, 1.0)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, not on biases, norms, tokens or
-    position embeddings."""
-    skip = getattr(model, "no_weight_decay", lambda: set())()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def make_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.AdamW:
@@ -149,6 +143,32 @@ def soft_cross_entropy(logits, target, label_smoothing: float = 0.0, weight=None
     return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=label_smoothing)
 
 
+class Objective:
+    """objective(x, y) -> (loss, logits to score accuracy with) for the model in training:
+    cross-entropy (label smoothing, class weights with --balance loss), or DeiT
+    distillation when a teacher is given."""
+
+    def __init__(self, model, cfg, weight=None, teacher=None):
+        self.model, self.weight, self.label_smoothing = model, weight, cfg.label_smoothing
+        self.distill = None
+        if teacher is not None:
+            self.distill = DistillationLoss(
+                self.base, teacher, cfg.distill, alpha=cfg.distill_alpha, tau=cfg.distill_tau
+            )
+
+    def base(self, logits, y):
+        return soft_cross_entropy(logits, y, self.label_smoothing, self.weight)
+
+    def __call__(self, x, y):
+        if self.distill is None:
+            logits = self.model(x)
+            return self.base(logits, y), logits
+        cls_logits, dist_logits = student_outputs(self.model, x)
+        # accuracy as at inference: the two heads averaged
+        logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+        return self.distill(x, (cls_logits, dist_logits), y), logits
+
+
 def make_ema(model, decay: float):
     """An exponential moving average of the weights (buffers too), or None when off."""
     if not decay:
@@ -198,18 +218,6 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
     return dist.get_rank(), world, device
 
 
-def gather_arrays(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Concatenate each tensor across ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(tensors)
-    out = []
-    for t in tensors:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, t.cpu())
-        out.append(torch.cat(parts))
-    return out
-
-
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision (stop, save) for every rank."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -222,3 +230,122 @@ def broadcast_flag(flag: bool) -> bool:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- one epoch -------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """What every step of training uses; fixed for the whole run."""
+
+    cfg: object  # config.Config
+    model: torch.nn.Module  # the bare model (its weights are saved and averaged)
+    optimizer: torch.optim.Optimizer
+    objective: Objective  # holds the model as trained: DDP- and compile-wrapped
+    loader: torch.utils.data.DataLoader
+    sampler: EpochSampler
+    device: torch.device
+    steps_per_epoch: int
+    ema: AveragedModel | None = None
+    mixer: Callable | None = None
+    autocast: Callable = contextlib.nullcontext
+    main_process: bool = True
+
+
+@dataclass
+class EpochResult:
+    """An epoch's training statistics, or why it stopped early: "budget" (the --max-minutes
+    budget is spent: validate, save, stop), "sigterm" (the resume state is saved: exit) or
+    "nonfinite" (the loss is NaN or infinite: `message` says what to do)."""
+
+    loss: float
+    accuracy: float
+    lr: float
+    stop: str | None = None
+    message: str = ""
+
+
+def train_step(loop: Loop, x, y, lr: float):
+    """One optimizer step at learning rate `lr`; returns (loss, correct, images). A loss that
+    is not finite updates nothing."""
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
+    hard = y
+    if loop.mixer is not None:
+        x, y = loop.mixer(x, y)  # y becomes (B, C) soft targets
+    with loop.autocast():
+        loss, logits = loop.objective(x, y)
+    if not torch.isfinite(loss):
+        return loss.item(), 0, len(hard)
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if loop.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.cfg.grad_clip)
+    loop.optimizer.step()
+    if loop.ema is not None:
+        loop.ema.update_parameters(loop.model)
+    return loss.item(), int((logits.argmax(1) == hard).sum()), len(hard)
+
+
+def set_trainable(model, cfg, epoch: int) -> None:
+    """--freeze-epochs N: the head alone for N epochs, then everything."""
+    if cfg.freeze_epochs:
+        freeze_all_but_head(model) if epoch < cfg.freeze_epochs else unfreeze_all(model)
+
+
+def train_one_epoch(loop: Loop, state: TrainState, progress: Progress, stop, tracker, save):
+    """Train from batch `state.batch` of epoch `state.epoch` to the epoch's end, advancing
+    `state.step` and `state.batch`. Mid-epoch, `save(state)` writes the resume state every
+    --save-every-minutes and on SIGTERM (`stop.requested`). Returns an EpochResult."""
+    cfg = loop.cfg
+    loop.sampler.set_epoch(state.epoch, state.batch * cfg.batch_size)
+    set_trainable(loop.model, cfg, state.epoch)
+    loop.model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    bar = tqdm(
+        total=loop.steps_per_epoch,
+        initial=state.batch,
+        desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if loop.main_process else True,
+    )
+    lr, reason, last_save = None, None, time.monotonic()
+    for batch, (x, y) in enumerate(loop.loader, start=state.batch):
+        if batch >= loop.steps_per_epoch:
+            break
+        lr = get_lr(progress(state.step), cfg) * lr_scale_for_epoch(state.epoch, cfg)
+        out = train_step(loop, x, y, lr)
+        if not math.isfinite(out[0]):
+            bar.close()
+            message = (
+                f"the loss became {out[0]} at step {state.step}; lower --lr, keep "
+                "--grad-clip on, or check the data for broken images"
+            )
+            return EpochResult(math.nan, math.nan, lr, "nonfinite", message)
+        state.step, state.batch = state.step + 1, batch + 1
+        sums += torch.tensor([out[0] * out[2], out[1], out[2]], dtype=torch.float64)
+        bar.set_postfix(loss=f"{out[0]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", lr=f"{lr:.2e}")
+        bar.update()
+        if state.step % cfg.log_every == 0:
+            tracker.log_metrics({"train/loss": out[0], "train/lr": lr}, state.step)
+        if cfg.max_minutes and broadcast_flag(progress(state.step) >= 1.0):
+            reason = "budget"
+            break
+        due = time.monotonic() - last_save > cfg.save_every_minutes * 60
+        if broadcast_flag(stop.requested or due):
+            state.elapsed = progress.elapsed
+            save(state)
+            last_save = time.monotonic()
+            if broadcast_flag(stop.requested):
+                reason = "sigterm"
+                break
+    bar.close()
+    if reason != "sigterm" and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)  # training loss and accuracy over every process's batches
+    if lr is None:  # resumed at the epoch's end: the lr its last step used
+        lr = get_lr(progress(max(state.step - 1, 0)), cfg) * lr_scale_for_epoch(state.epoch, cfg)
+    n = max(float(sums[2]), 1.0)
+    return EpochResult(float(sums[0]) / n, float(sums[1]) / n, lr, reason)

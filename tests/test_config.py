@@ -15,9 +15,7 @@ from config import (
     MODEL_SIZES,
     PRESETS,
     Config,
-    ConfigArgumentParser,
     ConfigError,
-    add_config_arguments,
     apply_overrides,
     parse_config,
     validate,
@@ -299,26 +297,109 @@ def test_round_trip_of_a_named_model_size_keeps_explicit_shape():
 # ---- help and fields ------------------------------------------------------------------------
 
 
-def test_help_lists_every_field_with_its_default(capsys):
-    parser = ConfigArgumentParser()
-    add_config_arguments(parser)
+def help_text(capsys, argv) -> str:
     with pytest.raises(SystemExit):
-        parser.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    defaults = Config()
+        C.build_parser(argv).parse_args(argv)
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_every_field_with_its_comment_and_default(capsys):
+    text = help_text(capsys, ["--help"])
+    defaults = Config.from_dict(PRESETS["digits"]())  # the default preset's values
+    comments = C.field_help()
+    assert set(comments) == set(FIELDS)  # every field has a comment, the one source
+    section = text.split("config fields (defaults: the digits preset's values):")[1]
     for name in FIELDS:
-        assert "--" + name.replace("_", "-") in text
-        assert f"(Config default: {getattr(defaults, name)})" in text
+        option = "--" + name.replace("_", "-") + " "  # the space: --data, not --data-dir
+        assert option in section, name
+        entry = section.split(option, 1)[1]
+        # textwrap may break a line at a hyphen: compare without whitespace
+        assert "".join(comments[name].split()) in "".join(entry[:400].split()), name
+        assert f"(default: {C._show(getattr(defaults, name))})" in entry[:500], name
+    assert "(Config default" not in text
+
+
+def test_help_shows_the_chosen_presets_values_and_the_choices(capsys):
+    digits = help_text(capsys, ["--preset", "digits", "--help"])
+    image_size = digits.split("--image-size INT, --image_size INT")[1][:120]
+    assert "side of the square model input, in pixels (default: 16)" in image_size
+    cifar = help_text(capsys, ["--preset", "cifar10", "--help"])
+    assert "(default: 32)" in cifar.split("--image-size INT, --image_size INT")[1][:120]
+    assert "defaults: the cifar10 preset's values" in cifar
+    for name, choices in C.CHOICES.items():
+        if name != "resume":
+            assert "{" + ",".join(choices) + "}" in digits, name
+    assert "--hflip [true|false], --no-hflip" in digits
+    assert "--resume [true|false|auto], --no-resume" in digits
 
 
 def test_help_shows_preset_default(capsys):
-    parser = ConfigArgumentParser()
-    add_config_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = help_text(capsys, ["--help"])
     preset_help = text.rsplit("--preset", 1)[1].split("--config")[0]  # options, not usage
     assert "digits" in preset_help.split("}")[-1]  # after the choices: the default
+
+
+@pytest.mark.parametrize(
+    "argv,value",
+    [
+        (["--hflip"], True),
+        (["--no-hflip"], False),
+        (["--hflip", "false"], False),
+        (["--hflip", "yes"], True),
+        (["--cache_images", "off"], False),
+        ([], None),
+    ],
+)
+def test_boolean_options_bare_negated_or_valued(argv, value):
+    args = C.build_parser(argv).parse_args(["--preset", "smoke", *argv])
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    assert given.get("hflip", given.get("cache_images")) is value
+    if value is not None:
+        cfg = C.config_from_args(args)
+        assert (cfg.hflip if "hflip" in given else cfg.cache_images) is value
+
+
+@pytest.mark.parametrize(
+    "argv,value",
+    [([], "false"), (["--resume"], "true"), (["--resume", "auto"], "auto"),
+     (["--resume", "AUTO"], "auto"), (["--no-resume"], "false"), (["--resume", "true"], "true")],
+)  # fmt: skip
+def test_resume_is_true_false_or_auto(argv, value):
+    assert parse_config(argv).resume == value
+    # a config or checkpoint from before: a bool
+    assert Config.from_dict({"resume": value == "true"}).resume in ("true", "false")
+
+
+@pytest.mark.parametrize("argv", [["--resume", "maybe"], ["--no-hflip", "true"]])
+def test_bad_boolean_values_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(argv)
+    assert "true" in capsys.readouterr().err
+
+
+def test_layers_preset_pretrained_file_command_line_and_explicit_keys(tmp_path):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"depth": 3, "mean": [0.1, 0.2, 0.3]}))
+    inferred = {"embed_dim": 64, "num_heads": 4, "depth": 12, "image_size": 32,
+                "mean": [0.5, 0.5, 0.5], "patch_size": 8}  # fmt: skip
+    calls = []
+
+    def infer(spec):
+        calls.append(spec)
+        return inferred
+
+    argv = ["--preset", "smoke", "--pretrained", "x.pth", "--config", str(path),
+            "--image-size", "16", "--no-hflip"]  # fmt: skip
+    layered = C.layer_config(C.build_parser(argv).parse_args(argv), infer=infer)
+    cfg = layered.config
+    assert calls == ["x.pth"]
+    assert (cfg.embed_dim, cfg.num_heads, cfg.patch_size) == (64, 4, 8)  # pretrained > preset
+    assert cfg.depth == 3 and cfg.mean == (0.1, 0.2, 0.3)  # the file > pretrained
+    assert cfg.image_size == 16  # the command line > everything
+    assert cfg.hflip is False and cfg.epochs == PRESETS["smoke"]()["epochs"]
+    assert layered.explicit == {"pretrained", "depth", "mean", "image_size", "hflip"}
+    plain = C.layer_config(C.build_parser([]).parse_args(["--preset", "smoke"]), infer=infer)
+    assert plain.explicit == set() and calls == ["x.pth"]  # no --pretrained: nothing inferred
 
 
 def _reads(field: str) -> list[str]:

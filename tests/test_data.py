@@ -443,6 +443,22 @@ def test_train_transform_shape_and_normalisation(augment):
     plain = Config(image_size=16, mean=MEAN, std=STD, augment="none", crop_scale=1.0)
     out = P.train_transform(plain)(Image.new("RGB", (24, 24), COLOUR))
     assert torch.allclose(out, normalised()[:, None, None].expand(3, 16, 16), atol=1e-5)
+    if augment == "none":
+        return
+    # The policy alone (no crop, flip or erasing): it changes images, and the seed fixes how.
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    fixed = dict(image_size=16, crop_scale=1.0, hflip=False, random_erasing=0.0)
+    policy = P.train_transform(Config(augment=augment, **fixed))
+    reference = P.train_transform(Config(augment="none", **fixed))(image)
+
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return policy(image)
+
+    outs = [draw(seed) for seed in range(8)]
+    assert sum(not torch.equal(out, reference) for out in outs) >= 4  # identity is rare
+    assert all(torch.equal(draw(seed), outs[seed]) for seed in range(8))  # same seed, same image
+    assert len({out.numpy().tobytes() for out in outs}) >= 4  # seeds pick different ops
 
 
 def test_with_transforms_uses_the_configs_mean_and_std(class_folders):
@@ -598,3 +614,59 @@ def test_augmentation_changes_with_epoch_in_worker_processes():
 
     first, second = one_epoch(0), one_epoch(1)
     assert not torch.equal(first, second)
+
+
+# ---- empty splits and loader workers (issue 25) --------------------------------------------
+
+
+def test_csv_with_one_image_per_class_is_a_clear_error(tmp_path):
+    folder = tmp_path / "one"
+    items = manifest_images(folder, per_class=1)
+    manifest = write_manifest(folder, [["path", "label"], *items])
+    with pytest.raises(P.DataError) as err:
+        P.load_splits(cfg_for(manifest))
+    message = str(err.value)
+    assert message.startswith("the val split has no images; give classes 4+ images")
+    assert "--val-fraction" in message and "split column" in message
+
+
+def test_given_split_without_images_is_a_clear_error(split_folders):
+    for image in (split_folders / "test").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(P.DataError, match="the test split has no images; add images to it"):
+        P.load_splits(cfg_for(split_folders))
+
+
+def test_a_zero_fraction_gives_an_empty_split_that_training_refuses(class_folders, capsys):
+    import train
+
+    splits = P.load_splits(cfg_for(class_folders, test_fraction=0.0))
+    assert len(splits.test) == 0 and len(splits.val) > 0
+    argv = ["--preset", "smoke", "--data", str(class_folders), "--test-fraction", "0",
+            "--model-path", str(class_folders.parent / "m.pth")]  # fmt: skip
+    assert train.main(argv) == 2
+    assert "error: the test split has no images, and training needs one" in capsys.readouterr().err
+
+
+def test_loader_workers_are_capped_at_the_usable_cores(monkeypatch, caplog):
+    import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    P.loader_workers.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="preprocessing"):
+        assert P.loader_workers(8) == 2  # the birds preset's 8 on 2 cores
+        assert P.loader_workers(8) == 2
+        assert P.loader_workers(1) == 1 and P.loader_workers(0) == 0
+    notices = [r.getMessage() for r in caplog.records if "num_workers" in r.getMessage()]
+    assert notices == ["num_workers 8 lowered to 2, the cores this process may use"]  # once
+    loader = P.make_loader(ModuloImages(), Config(num_workers=8, batch_size=2), train=False)
+    assert loader.num_workers == 2
+    P.loader_workers.cache_clear()
+
+
+class ModuloImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return torch.zeros(3, 2, 2), 0

@@ -21,6 +21,7 @@ import test as test_script
 import training as T
 from config import PRESETS, Config
 from conftest import make_class_folders, train_smoke
+from finetune import param_groups_layer_decay
 from transformer import build_model
 
 
@@ -311,14 +312,21 @@ def test_ema_follows_the_live_weights():
     assert gap_after == pytest.approx(0.9 * gap_before, rel=1e-4)
 
 
+def decay_split(model, groups) -> tuple[set, set]:
+    """The parameter names in groups with and without weight decay."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}
+    return decay, no_decay
+
+
 def test_param_groups_skip_decay_on_biases_norms_and_tokens():
     model = smoke_model(teacher="t.pth")  # distilled: a dist_token too
     model.head_dist.weight.requires_grad_(False)  # frozen parameters are left out
-    groups = T.param_groups(model, 0.05)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decay = {names[id(p)] for p in groups[0]["params"]}
-    no_decay = {names[id(p)] for p in groups[1]["params"]}
-    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    groups = param_groups_layer_decay(model, 0.05, layer_decay=1.0)  # what train.py uses
+    decay, no_decay = decay_split(model, groups)
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
+    assert {g["lr_scale"] for g in groups} == {1.0}  # layer_decay 1: one learning rate
     assert not decay & no_decay
     assert decay | no_decay == {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"cls_token", "pos_embed", "dist_token", "norm.weight", "norm.bias"} <= no_decay
@@ -330,6 +338,22 @@ def test_param_groups_skip_decay_on_biases_norms_and_tokens():
     assert any(n.startswith("patch_embed.proj.") for n in decay)  # the (conv) tokenizer
     assert "blocks.0.norm1.weight" in no_decay and "blocks.1.mlp.fc2.bias" in no_decay
     assert "head_dist.weight" not in decay | no_decay
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet18"])
+def test_layer_decay_one_equals_plain_weight_decay_groups(arch):
+    """param_groups_layer_decay(layer_decay=1) replaced training.param_groups: the same
+    parameters get decay (weight matrices, not biases, norms, tokens or position
+    embeddings), and every group the base learning rate."""
+    model = smoke_model(arch=arch)
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    # the removed training.param_groups, as it was
+    old_decay = {n for n, p in model.named_parameters() if p.ndim >= 2 and n not in skip}
+    old_no_decay = {n for n, _ in model.named_parameters()} - old_decay
+    groups = param_groups_layer_decay(model, 0.05, layer_decay=1.0)
+    assert decay_split(model, groups) == (old_decay, old_no_decay)
+    assert all(g["lr_scale"] == 1.0 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 # ---- SIGTERM --------------------------------------------------------------------------------
@@ -404,17 +428,17 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def kill_at_step(monkeypatch, step: int) -> None:
-    """SIGTERM this process while train.py computes the lr of `step` (0-based)."""
+    """SIGTERM this process while train_one_epoch computes the lr of `step` (0-based)."""
     calls = {"n": 0}
-    real = train.get_lr
+    real = T.get_lr
 
     def get_lr(progress, cfg):
         calls["n"] += 1
-        if calls["n"] == step + 2:  # call 1 is the initial lr before the loop
+        if calls["n"] == step + 1:  # one call a step
             os.kill(os.getpid(), signal.SIGTERM)
         return real(progress, cfg)
 
-    monkeypatch.setattr(train, "get_lr", get_lr)
+    monkeypatch.setattr(T, "get_lr", get_lr)
 
 
 @pytest.mark.slow
@@ -468,8 +492,8 @@ def test_resume_with_more_epochs_continues_exactly(tmp_path, sigterm_guard):
         row["val_accuracy"] for row in b["history"]
     ]
     final_a, final_b = read_ckpt(straight), read_ckpt(resumed)
-    if final_a["metrics"]["epoch"] == final_b["metrics"]["epoch"]:
-        assert_same_state(final_a["state_dict"], final_b["state_dict"])
+    assert final_a["metrics"]["epoch"] == final_b["metrics"]["epoch"]
+    assert_same_state(final_a["state_dict"], final_b["state_dict"])
 
 
 @pytest.mark.slow
@@ -505,3 +529,221 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch):
     assert runtime.set_torch_threads(2) == 2
     assert runtime.set_torch_threads(0) == 2  # 0 leaves the setting as it is
     torch.set_num_threads(1)
+
+
+# ---- the loop's pieces on their own: TrainState, train_step, Objective, devices -------------
+
+
+def test_train_state_round_trip():
+    from train_state import TrainState
+
+    state = TrainState(run_name="r", step=7, epoch=1, batch=3, best_score=(0.5, -1.2))
+    state.history.append({"epoch": 1, "val_accuracy": 0.5})
+    again = TrainState.from_dict(state.to_dict())
+    assert again == state and isinstance(again.best_score, tuple)
+    assert TrainState.from_dict({**state.to_dict(), "model": {}}) == state  # extra keys ignored
+
+
+def imbalanced_splits():
+    import preprocessing as P
+
+    images = [torch.full((3, 16, 16), 20 * i, dtype=torch.uint8) for i in range(12)]
+    targets = [0] * 9 + [1] * 2 + [2]
+    ds = P.ImageDataset([f"m/{i}" for i in range(12)], targets, ["a", "b", "c"], images=images)
+    ds.transform = lambda image: image.float() / 255
+    return P.Splits(ds, ds, ds, ["a", "b", "c"], [])
+
+
+def make_test_loop(**overrides):
+    cfg = Config.from_dict({**PRESETS["smoke"](), "num_workers": 0, **overrides})
+    splits = imbalanced_splits()
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=3)
+    return train.make_loop(cfg, splits, model, None, torch.device("cpu"), 0, 1)
+
+
+def grad_norm(model) -> float:
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)).item()
+
+
+def test_gradient_clipping_clips_the_gradient_norm():
+    x, y = (
+        torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+        torch.arange(8) % 3,
+    )
+    free = make_test_loop(grad_clip=0.0, lr=1e-3)
+    T.train_step(free, x, y, lr=1e-3)
+    assert grad_norm(free.model) > 0.05  # the norm a clip of 0.01 must cut
+    clipped = make_test_loop(grad_clip=0.01, lr=1e-3)
+    loss, correct, n = T.train_step(clipped, x, y, lr=1e-3)
+    assert math.isfinite(loss) and n == 8 and 0 <= correct <= 8
+    assert grad_norm(clipped.model) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_balance_loss_weights_the_loss_by_inverse_class_frequency():
+    x, y = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor(
+        [0] * 9 + [1] * 2 + [2]
+    )
+    plain = make_test_loop(balance="none", label_smoothing=0.0)
+    weighted = make_test_loop(balance="loss", label_smoothing=0.0)
+    plain.model.eval(), weighted.model.eval()  # the same weights (seed 0), no drop path
+    assert plain.objective.weight is None
+    with torch.no_grad():
+        loss_plain, logits = plain.objective(x, y)
+        loss_weighted, _ = weighted.objective(x, y)
+    weights = T.class_weights(y, 3)  # 12 / (3 * [9, 2, 1])
+    assert torch.allclose(weighted.objective.weight, weights)
+    assert torch.allclose(loss_plain, F.cross_entropy(logits, y))
+    assert torch.allclose(loss_weighted, F.cross_entropy(logits, y, weight=weights))
+    assert abs(loss_weighted.item() - loss_plain.item()) > 1e-3
+
+
+def test_bf16_autocast_on_cpu_changes_the_forward_dtype():
+    import runtime
+
+    cpu = torch.device("cpu")
+    model, x = smoke_model().eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), runtime.autocast_for(cpu, True)():  # CPU default: full precision
+        assert model(x).dtype == torch.float32
+    with torch.no_grad(), runtime.autocast_for(cpu, True, cpu=True)():
+        assert model(x).dtype == torch.bfloat16
+    with torch.no_grad(), runtime.autocast_for(cpu, False, cpu=True)():  # --amp false
+        assert model(x).dtype == torch.float32
+    loop = make_test_loop(label_smoothing=0.0)
+    loop.autocast = runtime.autocast_for(cpu, True, cpu=True)
+    loss, _, _ = T.train_step(loop, x.repeat(2, 1, 1, 1), torch.tensor([0, 1, 2, 0]), lr=1e-3)
+    assert math.isfinite(loss)  # the loss is computed in float32 from bf16 logits
+
+
+def test_device_selection_when_cuda_or_mps_are_reported_available(monkeypatch):
+    import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.select_device("auto") == torch.device("cuda")
+    assert runtime.select_device("cuda:1") == torch.device("cuda", 1)
+    assert runtime.select_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.select_device("auto") == torch.device("mps")
+    with pytest.raises(runtime.DeviceError, match="CUDA is not available here"):
+        runtime.select_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runtime.select_device("auto") == torch.device("cpu")
+    with pytest.raises(runtime.DeviceError, match="MPS is not available here"):
+        runtime.select_device("mps")
+
+
+@pytest.mark.slow
+def test_compile_true_trains_a_step_on_cpu():
+    import shutil
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python/platform")
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler; none found")
+    loop = make_test_loop(compile=True, drop_path_rate=0.0)
+    assert hasattr(loop.objective.model, "_orig_mod")  # the model is trained compiled
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss, _, n = T.train_step(loop, x, y, lr=1e-3)
+    assert math.isfinite(loss) and n == 4
+    assert any(not torch.equal(before[k], v) for k, v in loop.model.state_dict().items())
+
+
+# ---- train.py end to end: time budget, --resume auto, keeping models -------------------------
+
+
+class FastClock(T.Progress):
+    """Progress whose clock advances 10 s each time it is read: a 1-minute budget is spent
+    within the first epoch's few steps, whatever the machine's speed."""
+
+    def __init__(self, *args, **kwargs):
+        ticks = iter(range(10**6))
+        super().__init__(*args, clock=lambda: 10.0 * next(ticks), **kwargs)
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_a_real_run(tmp_path, monkeypatch, sigterm_guard):
+    monkeypatch.setattr(train, "Progress", FastClock)
+    model = train_smoke(tmp_path, "--max-minutes", "1", "--epochs", "50", *FAST)
+    state = read_ckpt(C.resume_path(model))
+    assert state["epoch"] == 1 and len(state["history"]) == 1  # stopped in epoch 1 of 50
+    assert 1 <= state["step"] < 4  # mid-epoch: the smoke preset's epoch has 4 steps
+    assert C.load_checkpoint(model)["metrics"]["test"]["num_samples"] == 32  # and reported
+    # the schedule fits the budget: the last step's lr is far down the cosine
+    assert state["history"][0]["lr"] < 0.25 * PRESETS["smoke"]()["lr"]
+
+
+@pytest.mark.slow
+def test_resume_auto_starts_fresh_then_resumes(tmp_path, capsys, sigterm_guard):
+    common = ("--limit-train-batches", "2", *FAST, "--resume", "auto")
+    model = train_smoke(tmp_path, *common, "--epochs", "1")
+    assert "resumed" not in capsys.readouterr().out  # no resume file: a fresh start
+    assert read_ckpt(C.resume_path(model))["epoch"] == 1
+    train_smoke(tmp_path, *common, "--epochs", "2")
+    assert "resumed" in capsys.readouterr().out
+    state = read_ckpt(C.resume_path(model))
+    assert (state["epoch"], state["step"]) == (2, 4)
+    assert C.load_checkpoint(model)["config"]["resume"] == "auto"
+
+
+def test_bare_resume_without_a_resume_file_is_a_clear_error(tmp_path, capsys, sigterm_guard):
+    argv = [
+        "--preset", "smoke", "--resume", "--model-path", str(tmp_path / "m.pth"),
+        "--runs-dir", str(tmp_path / "runs"), "--classes-path", str(tmp_path / "c.txt"),
+    ]  # fmt: skip
+    assert train.main(argv) == 2  # `python source/train.py --resume`, as the docstring has it
+    err = capsys.readouterr().err
+    assert "--resume" in err and "no resume file" in err and "expected one argument" not in err
+
+
+@pytest.mark.slow
+def test_a_new_run_keeps_the_model_it_replaces(tmp_path, capsys, sigterm_guard):
+    quick = ("--epochs", "1", "--limit-train-batches", "1", *FAST)
+    model = train_smoke(tmp_path, *quick, "--run-name", "first")
+    first = read_ckpt(model)
+    assert first["run"]["name"] == "first"
+    assert_same_state(read_ckpt(tmp_path / "runs" / "first" / "model.pth")["state_dict"],
+                      first["state_dict"])  # fmt: skip
+    capsys.readouterr()
+    train_smoke(tmp_path, *quick, "--run-name", "second", "--seed", "5")
+    out = capsys.readouterr().out
+    kept = tmp_path / "runs" / "first" / "model.pth"
+    line = next(x for x in out.splitlines() if x.startswith("this run replaces"))
+    assert str(model) in line and "run first" in line and "test accuracy" in line
+    assert f"that model stays in {kept}" in line
+    assert_same_state(read_ckpt(kept)["state_dict"], first["state_dict"])
+    assert read_ckpt(model)["run"]["name"] == "second"
+    assert (tmp_path / "runs" / "second" / "model.pth").is_file()
+    # the resume file holds exactly the TrainState plus the state dicts and the config
+    from train_state import TrainState
+
+    resume = read_ckpt(C.resume_path(model))
+    assert set(resume) == set(TrainState("x").to_dict()) | {"model", "ema", "optimizer", "config"}
+
+
+def test_a_model_from_before_run_folders_is_copied_with_its_classes_and_results(tmp_path):
+    from train_state import keep_previous_model
+
+    cfg = Config(model_path=str(tmp_path / "models" / "model.pth"), runs_dir=str(tmp_path / "runs"),
+                 classes_path=str(tmp_path / "classes.txt"), results_dir=str(tmp_path / "results"))  # fmt: skip
+    assert keep_previous_model(cfg, "new") is None  # nothing there yet
+    old = C.make_checkpoint(smoke_model(), Config.from_dict(PRESETS["smoke"]()), list("abcd"),
+                            {"val": {"accuracy": 0.75}})  # fmt: skip
+    C.save_checkpoint(old, cfg.model_path)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text('{"accuracy": 0.75}')
+    line = keep_previous_model(cfg, "new")
+    stamp = old["provenance"]["created"]
+    folder = (
+        tmp_path
+        / "runs"
+        / ("model-" + stamp[:10].replace("-", "") + "-" + stamp[11:19].replace(":", ""))
+    )
+    assert line == (f"this run replaces {cfg.model_path} (created {stamp}, val accuracy 0.7500); "
+                    f"that model stays in {folder / 'model.pth'}")  # fmt: skip
+    assert (folder / "model.pth").read_bytes() == Path(cfg.model_path).read_bytes()
+    assert (folder / "classes.txt").read_text() == "a\nb\nc\nd\n"
+    assert (folder / "results" / "metrics.json").is_file()
