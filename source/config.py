@@ -111,6 +111,7 @@ class Config:
     runs_dir: str = "runs"  # one local folder a run: config, metrics, plots
     run_name: str = ""  # name of the run folder and tracker run; "" = time-stamped
     tracker: str = "mlflow"  # mlflow | neptune | none
+    register_model: str = ""  # MLflow registry name for the best model; alias candidate moves
     resume: str = "false"  # continue from <model_path>.resume.pth: true | false | auto (if there)
     save_every_minutes: float = 10.0  # also write the resume state this often mid-epoch
     log_every: int = 10  # log train loss and lr every this many steps

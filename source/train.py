@@ -30,11 +30,12 @@ import torch
 import checkpoint as ckpt_io
 import metrics as M
 import preprocessing as P
+import report
 import tracking
 from config import ConfigError, build_parser, layer_config
 from distill import TeacherError, load_teacher
+from drift import reference_statistics
 from finetune import param_groups_layer_decay
-from monitor import reference_statistics
 from pretrained import PretrainedError, infer_config_overrides, load_pretrained
 from runtime import (
     DeviceError,
@@ -413,7 +414,7 @@ def final_report(cfg, state, loaders, device, autocast, tracker, run_dir) -> Non
     the checkpoint (both copies) and logged."""
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    M.plot_history(state.history, results_dir / "accuracy_loss.png")
+    report.plot_history(state.history, results_dir / "accuracy_loss.png")
     test_loader, val_loader = loaders
     best_model, best = ckpt_io.load_model(cfg.model_path, device)
     evaluate = functools.partial(
@@ -430,6 +431,7 @@ def final_report(cfg, state, loaders, device, autocast, tracker, run_dir) -> Non
     tracker.log_metrics({f"test/{k}": v for k, v in test.items()}, state.step)
     for artifact in (results_dir / "accuracy_loss.png", cfg.classes_path, cfg.model_path):
         tracker.log_artifact(artifact)
+    tracker.log_model(cfg.model_path, register_name=cfg.register_model or None)
     tracker.finish()
     print(tracker.summary())
     print(

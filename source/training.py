@@ -211,7 +211,22 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device | None]:
         return 0, 1, None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After an elastic restart torchrun's store still holds the dead group's addresses;
+        # a prefix per attempt gives the new group a clean namespace (Gloo would dial the old).
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(f"attempt_{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=world,
+        )
+    else:
+        dist.init_process_group(backend=backend)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
