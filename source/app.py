@@ -31,7 +31,8 @@ from PIL import Image
 import attention_viz
 from checkpoint import CheckpointError
 from cli import DEFAULT_MODEL_PATH
-from predict import Prediction, Predictor, to_csv
+from predict import Prediction, Predictor
+from predict_formats import to_csv
 from preprocessing import ImageError, decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
