@@ -371,6 +371,19 @@ class Predictor:
                 prepared.results[i].overlay = overlay(prepared.images[row], heatmaps[row])
         return prepared.results
 
+    def check(self) -> None:
+        """CheckpointError unless the model answers a blank image with finite logits of one
+        per class (NaN or infinite weights load, and then fail every request)."""
+        blank = self.preprocessing([Image.new("RGB", (self.image_size, self.image_size))])
+        logits = self.logits(blank)
+        if logits.shape != (1, len(self.classes)) or not np.isfinite(logits).all():
+            raise CheckpointError(
+                f"{self.model_path}: the model's output on a blank image is "
+                f"{'not finite' if logits.size else 'empty'} (shape {tuple(logits.shape)}, "
+                f"{len(self.classes)} classes): its weights are broken; retrain or pick "
+                "another checkpoint"
+            )
+
     def metadata(self) -> dict:
         """What the app's model panel and the API's /metadata show, JSON-ready."""
         ckpt = self.checkpoint
