@@ -410,3 +410,19 @@ def test_a_hostile_upload_costs_only_itself(monkeypatch, smoke_model):
     assert len(predictions_shown(at)) == 2
     module = app_module()
     assert max(module.thumbnail(wide.getvalue(), 16).size) <= module.THUMBNAIL_PX
+
+
+def test_the_container_runs_the_app_with_its_streamlit_config():
+    """The app image holds .streamlit/config.toml in the app's working directory, so its
+    10 MB upload limit applies there too (Streamlit's own default is 200 MB)."""
+    import tomllib
+
+    from test_deploy import dockerfile_stages, dockerignore_excludes
+
+    config = Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml"
+    assert tomllib.loads(config.read_text())["server"]["maxUploadSize"] == 10
+    assert not dockerignore_excludes(".streamlit/config.toml")
+    app = dockerfile_stages()["app"]
+    copied = [(sources, dest) for flags, sources, dest, _ in app.copies if not flags]
+    assert ([".streamlit/config.toml"], ".streamlit/config.toml") in copied
+    assert app.workdir == "/app" and app.cmd[:3] == ["streamlit", "run", "source/app.py"]
