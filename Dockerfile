@@ -70,6 +70,9 @@ FROM runtime AS app
 # No usage statistics sent from a server; no file watcher, the code never changes in here.
 ENV STREAMLIT_BROWSER_GATHER_USAGE_STATS=false \
     STREAMLIT_SERVER_FILE_WATCHER_TYPE=none
+# The app's settings (10 MB upload limit, headless, no usage statistics), found in the
+# working directory as `streamlit run` starts.
+COPY .streamlit/config.toml .streamlit/config.toml
 EXPOSE 8501
 # Streamlit answers "ok" on /_stcore/health once its server is up (also the Kubernetes probes).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -31,14 +31,17 @@ from PIL import Image
 import attention_viz
 from checkpoint import CheckpointError
 from cli import DEFAULT_MODEL_PATH
-from predict import Prediction, Predictor, to_csv
-from preprocessing import ImageError, decode_image
+from imagesafe import ImageError, open_image
+from predict import Prediction, Predictor
+from predict_formats import to_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "assets" / "samples"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 TOPK = 5
 DISPLAY_PX = 192  # small images (16 px digits) are enlarged to about this for display
+THUMBNAIL_PX = 512  # larger ones are shown shrunk to this (st.image refuses 65,500 px sides)
+MARKDOWN_SPECIAL = set("\\`*_{}[]<>()#+!|~$:")  # what could format, link or embed a name
 METRIC_NAMES = {  # checkpoint key -> what the model panel calls it
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy",
@@ -56,6 +59,20 @@ def load_predictor(path: str, modified: float) -> Predictor:
     """One Predictor per checkpoint file and modification time: a retrained model is picked
     up on the next interaction, an unchanged one is never loaded twice."""
     return Predictor(path)
+
+
+def md_escape(text: str) -> str:
+    """A file name as literal Markdown text: no bold, link or image (the browser would fetch
+    it) made of an uploaded file's name."""
+    text = " ".join(text.split())  # a line break would start a new Markdown block
+    return "".join("\\" + c if c in MARKDOWN_SPECIAL else c for c in text)
+
+
+def md_escape_reason(text: str) -> str:
+    """An error message: only what could make a link or an image is escaped, so its
+    parentheses read as written."""
+    text = " ".join(text.split())
+    return "".join("\\" + c if c in "\\[]<>!`*_$" else c for c in text)
 
 
 def enlarge(image: Image.Image) -> Image.Image:
@@ -140,17 +157,25 @@ def with_legend(picture: Image.Image) -> Image.Image:
     return out
 
 
-def show_pictures(column, prediction: Prediction, data: bytes, opacity: float) -> None:
+def thumbnail(data: bytes, size: int) -> Image.Image:
+    """The upload as the model saw it (decoded within the budget, shrunk as it was read),
+    at most THUMBNAIL_PX a side, small ones enlarged."""
+    image = open_image(data, size=size)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return enlarge(image)
+
+
+def show_pictures(column, prediction: Prediction, data: bytes, size: int, opacity: float) -> None:
     try:
-        image = decode_image(data)
-    except ImageError:  # cannot happen after a successful prediction; keep the rest
-        return
-    column.image(enlarge(image), caption=prediction.source)
-    if prediction.heatmap is not None:
-        # Drawn on the enlarged image, so the heatmap is smooth rather than blocky.
-        shown = draw_overlay(enlarge(image), prediction.heatmap, opacity)
-        column.image(with_legend(shown), caption="attention (rollout)")
-        column.caption("Colour bar: low attention (left) to high (right)")
+        image = thumbnail(data, size)
+        column.image(image, caption=md_escape(prediction.source))
+        if prediction.heatmap is not None:
+            # Drawn on the enlarged image, so the heatmap is smooth rather than blocky.
+            shown = draw_overlay(image, prediction.heatmap, opacity)
+            column.image(with_legend(shown), caption="attention (rollout)")
+            column.caption("Colour bar: low attention (left) to high (right)")
+    except (ImageError, ValueError, OSError, RuntimeError) as err:  # the prediction stands
+        column.caption(f"{md_escape(prediction.source)}: no preview ({md_escape(str(err))})")
 
 
 def show_prediction(
@@ -158,7 +183,7 @@ def show_prediction(
 ) -> None:
     with st.container(border=True):
         pictures, chart, table = st.columns([1, 1.4, 1])
-        show_pictures(pictures, prediction, data, opacity)
+        show_pictures(pictures, prediction, data, predictor.image_size, opacity)
         chart.markdown(f"**Prediction: {prediction.predicted}** ({prediction.probability:.1%})")
         if prediction.probability < LOW_CONFIDENCE:
             chart.caption(
@@ -243,8 +268,8 @@ def show_results(inputs, predictions: list[Prediction], predictor: Predictor, th
         mime="text/csv",
     )
     for prediction in predictions:  # the files that failed first, where they are seen
-        if not prediction.ok:
-            st.error(f"**{prediction.source}**: {prediction.error}")
+        if not prediction.ok:  # each named, its name escaped: a name is no Markdown to run
+            st.error(f"**{md_escape(prediction.source)}**: {md_escape_reason(prediction.error)}")
     for prediction, (_, data) in zip(predictions, inputs, strict=True):
         if prediction.ok:
             show_prediction(prediction, data, predictor, threshold, opacity)

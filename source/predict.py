@@ -7,6 +7,8 @@
 Folders are searched recursively for image files (by extension). A file that cannot be read
 is reported as an error row and the others are still classified; the exit status is then 1
 (0 when every image was classified, 2 when the model cannot be loaded or nothing was given).
+Decoding has a budget (imagesafe.py: $MAX_IMAGE_PIXELS, default 40 million); CSV cells that
+would start with = + - @ get a leading apostrophe, so a spreadsheet never runs them.
 
 In Python, `Predictor` loads the checkpoint once and rebuilds the preprocessing from it:
 
@@ -22,12 +24,10 @@ errors per input), `logits` (one forward pass: `TorchBackend` or the ONNX runner
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,9 @@ from torchvision.transforms import v2
 import preprocessing as P
 from checkpoint import CheckpointError, load_model
 from cli import DEFAULT_MODEL_PATH, HelpFormatter, default_model_path, quiet_broken_pipe
+from imagesafe import ImageError, open_image, pixel_limit
 from metrics import binary_predictions
+from predict_formats import to_csv, to_table
 from runtime import select_device
 from transformer import count_parameters
 
@@ -118,9 +120,11 @@ def expand_inputs(inputs) -> list[tuple[str, object]]:
     return items
 
 
-def _reason(err: P.ImageError, source: str) -> str:
-    """decode_image's message without the name it starts with (the source says that)."""
-    message = str(err)
+def _reason(err: Exception, source: str) -> str:
+    """An input's failure, one line, without the name (the source says that)."""
+    if not isinstance(err, (ImageError, P.ImageError)):  # e.g. one the transform cannot take
+        return f"cannot be classified ({type(err).__name__}: {' '.join(str(err).split())})"
+    message = " ".join(str(err).split())
     for prefix in (f"{source}: ", "upload: "):
         message = message.removeprefix(prefix)
     return message
@@ -136,6 +140,7 @@ class Preprocess:
 
     def __init__(self, prep: dict):
         self.image_size = int(prep["image_size"])
+        self.max_pixels = pixel_limit(self.image_size)  # ValueError for a bad $MAX_IMAGE_PIXELS
         self.transform = P.eval_transform(self.image_size, prep["mean"], prep["std"])
         steps = list(self.transform.transforms)
         cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), len(steps))
@@ -150,10 +155,9 @@ class Preprocess:
         return self.per_batch(torch.stack(pixels)).numpy()
 
     def load(self, name: str, data) -> tuple[Image.Image, torch.Tensor]:
-        """One input -> (RGB image, (3, S, S) uint8); P.ImageError or another error if it fails."""
-        if isinstance(data, Path) and not data.exists():
-            raise P.ImageError(f"{name}: no such file")
-        image = P.decode_image(data)
+        """One input -> (RGB image at most ~4x the model's input side, (3, S, S) uint8);
+        ImageError (one line) if it cannot be decoded within the budget."""
+        image = open_image(data, size=self.image_size, max_pixels=self.max_pixels, name=name)
         return image, self.per_image(image)
 
 
@@ -162,7 +166,7 @@ class Prepared:
     """Inputs decoded and preprocessed: what a forward pass needs, and where its rows go."""
 
     results: list[Prediction]  # one per input; the unreadable ones already carry their error
-    images: list[Image.Image]  # the readable inputs, in order
+    images: list[Image.Image]  # the readable inputs, in order, when kept (attention overlays)
     index: list[int]  # results[index[row]] is the row-th readable input
     pixels: np.ndarray | None  # (len(index), 3, S, S) float32; None when nothing was readable
 
@@ -222,8 +226,7 @@ def fill_predictions(
         result.probability = float(probs[row, decisions[row]])
 
 
-def _plain(value):
-    """Tuples, numpy and torch scalars -> JSON types, recursively."""
+def _plain(value):  # tuples, numpy and torch scalars -> JSON types, recursively
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -319,7 +322,7 @@ class Predictor:
             raise ValueError(f"topk must be at least 1, got {topk}")
         size = batch_size or self.batch_size
         for start in range(0, len(items), size):
-            prepared = self.prepare(items[start : start + size])
+            prepared = self.prepare(items[start : start + size], keep_images=attention)
             if prepared.pixels is None:
                 yield prepared.results
             elif attention:
@@ -328,21 +331,19 @@ class Predictor:
             else:
                 yield self.finish(prepared, self.logits(prepared.pixels), topk, threshold)
 
-    def prepare(self, items: list[tuple[str, object]]) -> Prepared:
-        """Decode and preprocess (name, input) pairs; an unreadable one gets its error."""
+    def prepare(self, items: list[tuple[str, object]], keep_images: bool = False) -> Prepared:
+        """Decode and preprocess (name, input) pairs one at a time, keeping only the model's
+        input (and, with keep_images, the shrunk image); an unusable one gets its error."""
         results = [Prediction(source=name) for name, _ in items]
         images, pixels, index = [], [], []
         for i, (name, data) in enumerate(items):
             try:
                 image, tensor = self.preprocessing.load(name, data)
-            except P.ImageError as err:
+            except Exception as err:  # noqa: BLE001 - one input's failure is that input's
                 results[i].error = _reason(err, name)
                 continue
-            except (OSError, RuntimeError, ValueError) as err:
-                # e.g. a directory given as a file, or an image too small for the transform
-                results[i].error = f"cannot be classified ({err})"
-                continue
-            images.append(image)
+            if keep_images:
+                images.append(image)
             pixels.append(tensor)
             index.append(i)
         batch = self.preprocessing.batch(pixels) if pixels else None
@@ -370,6 +371,19 @@ class Predictor:
                 prepared.results[i].overlay = overlay(prepared.images[row], heatmaps[row])
         return prepared.results
 
+    def check(self) -> None:
+        """CheckpointError unless the model answers a blank image with finite logits of one
+        per class (NaN or infinite weights load, and then fail every request)."""
+        blank = self.preprocessing([Image.new("RGB", (self.image_size, self.image_size))])
+        logits = self.logits(blank)
+        if logits.shape != (1, len(self.classes)) or not np.isfinite(logits).all():
+            raise CheckpointError(
+                f"{self.model_path}: the model's output on a blank image is "
+                f"{'not finite' if logits.size else 'empty'} (shape {tuple(logits.shape)}, "
+                f"{len(self.classes)} classes): its weights are broken; retrain or pick "
+                "another checkpoint"
+            )
+
     def metadata(self) -> dict:
         """What the app's model panel and the API's /metadata show, JSON-ready."""
         ckpt = self.checkpoint
@@ -390,45 +404,6 @@ class Predictor:
                 "config": ckpt.get("config", {}),
             }
         )
-
-
-# ---- output formats ------------------------------------------------------------------------
-
-
-def csv_header(topk: int) -> list[str]:
-    columns = ["source", "predicted", "probability"]
-    for i in range(1, topk + 1):
-        columns += [f"class_{i}", f"probability_{i}"]
-    return columns + ["error"]
-
-
-def to_csv(predictions: Iterable[Prediction], topk: int = 5, header: bool = True) -> str:
-    """One row an image: the decision, then the top-k (class, probability), then any error."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    if header:
-        writer.writerow(csv_header(topk))
-    for p in predictions:
-        row = [p.source, p.predicted or "", "" if p.probability is None else f"{p.probability:.6f}"]
-        for i in range(topk):
-            row += [p.topk[i][0], f"{p.topk[i][1]:.6f}"] if i < len(p.topk) else ["", ""]
-        writer.writerow(row + [p.error or ""])
-    return out.getvalue()
-
-
-def to_table(predictions: Iterable[Prediction]) -> str:
-    rows = [("source", "prediction", "probability", "top-k")]
-    for p in predictions:
-        if p.error:
-            rows.append((p.source, "ERROR", "", p.error))
-        else:
-            top = ", ".join(f"{c} {prob:.3f}" for c, prob in p.topk)
-            rows.append((p.source, str(p.predicted), f"{p.probability:.4f}", top))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
-        for r in rows
-    )
 
 
 # ---- command line --------------------------------------------------------------------------

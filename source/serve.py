@@ -15,8 +15,14 @@ answer is 400 with the reason for each file. Requests larger than --max-upload-m
 Concurrent requests share forward passes (batching.py): up to --max-batch images, waiting at
 most --max-wait-ms for more; past --max-queue waiting requests the answer is 503 with
 Retry-After. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
-The model is loaded once at start-up. MODEL_PATH and MAX_UPLOAD_MB are read from the
-environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
+Every answer other than 2xx is JSON {"detail": "..."}, a 500 included. A request's headers must
+arrive within --header-timeout s and its body within --body-timeout s (slow clients are
+disconnected), idle connections close after --keep-alive s, and past --limit-concurrency
+connections the answer is 503. Images are decoded one at a time within a pixel budget
+($MAX_IMAGE_PIXELS, see imagesafe.py) into the model's input size.
+The model is loaded once at start-up, and the server refuses to start (exit 2, one line) with
+a checkpoint it cannot serve, e.g. one whose output on a blank image is not finite.
+MODEL_PATH and MAX_UPLOAD_MB are read from the environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
 from this server (the fastapi-offline package ships them), never from a CDN, so they work
 offline and on air-gapped clusters.
 """
@@ -42,13 +48,24 @@ from starlette.exceptions import HTTPException
 from batching import Batcher, QueueFull
 from checkpoint import CheckpointError
 from cli import HelpFormatter, default_model_path
+from http_limits import (
+    DEFAULT_MAX_UPLOAD_MB,
+    BodySizeLimit,
+    internal_error,
+    max_upload_bytes_from_env,
+    timed_protocol,
+)
 from predict import Predictor
 
 API_VERSION = "1"
-DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_HEADER_TIMEOUT = 10.0  # s; a slow-header (slowloris) client is disconnected after it
+DEFAULT_BODY_TIMEOUT = 60.0  # s; 10 MB at 170 KB/s
+DEFAULT_KEEP_ALIVE = 5.0  # s; uvicorn's default
+DEFAULT_LIMIT_CONCURRENCY = 512  # connections; beyond the queue, so the queue's 503 comes first
+DEFAULT_MAX_HEADER_KB = 16  # h11's default
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI, ReDoc, favicon
 DOCS_ASSETS_URL = "/docs-assets"
 log = logging.getLogger("serve")
@@ -108,6 +125,7 @@ class Problem(Schema):
 ERRORS = {
     400: {"model": Problem, "description": "no readable image, or a malformed request"},
     413: {"model": Problem, "description": "request body over --max-upload-mb"},
+    500: {"model": Problem, "description": "an unexpected error (the server log has it)"},
     503: {"model": Problem, "description": "the queue is full (--max-queue); see Retry-After"},
 }
 
@@ -175,53 +193,6 @@ class ApiMetrics:
                     self.requests.labels(endpoint, str(status["code"])).inc()
 
         return counted
-
-
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, told by Content-Length before any
-    of it is read, or counted while it streams in when the client sends it chunked."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def too_large(self) -> HTTPException:
-        return HTTPException(
-            413,
-            f"request body over the {self.max_bytes / 1e6:g} MB limit; send fewer or smaller "
-            "images, or raise --max-upload-mb",
-        )
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            err = self.too_large()
-            response = JSONResponse({"detail": err.detail}, status_code=413)
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # An HTTPException passes through FastAPI's body parsing unchanged and
-                    # becomes the 413 answer.
-                    raise self.too_large()
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
-def max_upload_bytes_from_env() -> int:
-    value = os.environ.get("MAX_UPLOAD_MB", str(DEFAULT_MAX_UPLOAD_MB))
-    try:
-        return int(float(value) * 1e6)
-    except ValueError:
-        raise ValueError(f"MAX_UPLOAD_MB={value!r} is not a number of megabytes") from None
 
 
 # ---- the routes (the app's state holds the predictor, the batcher and the metrics) ------------
@@ -292,24 +263,28 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    predictor: Predictor | None = None,
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
-    when the app starts (FastAPI lifespan; TestClient as a context manager runs it), with
-    its request batcher (max_batch=1: one request a forward pass)."""
+    when the app starts (FastAPI lifespan; TestClient as a context manager runs it) unless
+    `predictor` is given, checked (Predictor.check), with its request batcher (max_batch=1:
+    one request a forward pass)."""
     model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
 
     metrics = ApiMetrics()
+    given = predictor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            app.state.predictor = Predictor(model_path, device=device)
+            predictor = given or Predictor(model_path, device=device)
+            predictor.check()
         except CheckpointError as err:
             log.error("cannot serve: %s", err)
             raise
-        predictor = app.state.predictor
+        app.state.predictor = predictor
         app.state.batcher = Batcher(
             predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             on_batch=metrics.batch_size.observe,
@@ -334,6 +309,7 @@ def create_app(
 
     app.state.metrics = metrics
     app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(Exception, internal_error)  # JSON, not Starlette's plain text
     app.include_router(router)
     app.openapi = lambda: openapi_without_422(app)
     return app
@@ -419,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (0 = torch's default, one per core); 1 suits small models "
         "on busy or small machines",
     )
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                        help="seconds a client has to send a request's headers")  # fmt: skip
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help="seconds a client has to send a request's body, after its headers")  # fmt: skip
+    parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE,
+                        help="seconds an idle connection is kept open")  # fmt: skip
+    parser.add_argument("--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY,
+                        help="open connections at most; past it, new requests get 503")  # fmt: skip
+    parser.add_argument("--max-header-kb", type=int, default=DEFAULT_MAX_HEADER_KB,
+                        help="largest request line and headers, in KB; larger ones get 400")  # fmt: skip
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 
@@ -429,9 +415,13 @@ def main(argv=None) -> int:
     except ValueError as err:  # a non-numeric MAX_UPLOAD_MB in the environment
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
-        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0",
-              file=sys.stderr)  # fmt: skip
+    limits = (args.header_timeout, args.body_timeout, args.keep_alive)
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or min(limits) <= 0:
+        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0, "
+              "the timeouts above 0", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.limit_concurrency < 1 or args.max_header_kb < 1:
+        print("error: --limit-concurrency and --max-header-kb must be at least 1", file=sys.stderr)
         return 2
     if not Path(args.model_path).is_file():
         print(
@@ -446,11 +436,24 @@ def main(argv=None) -> int:
 
     set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:  # before the server starts: a model it cannot serve is one line and exit 2
+        predictor = Predictor(args.model_path, device=args.device)
+        predictor.check()
+    except Exception as err:  # noqa: BLE001 - whatever the checkpoint's fault, one line
+        reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: cannot serve {args.model_path}: {reason}", file=sys.stderr)
+        return 2
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        predictor=predictor,
     )  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        http=timed_protocol(args.header_timeout, args.body_timeout),
+        timeout_keep_alive=args.keep_alive, limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=args.max_header_kb * 1024,
+    )  # fmt: skip
     return 0
 
 

@@ -3,6 +3,7 @@ slider, the model panel, examples, the cached model and the attention toggle."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -373,3 +374,55 @@ def test_the_api_snippet_serves_this_model(monkeypatch, smoke_model):
         f"MODEL_PATH={smoke_model} python source/serve.py --port 8000",
         "curl -F files=@photo.jpg 'http://127.0.0.1:8000/predict?topk=5'",
     ]
+
+
+def test_file_names_are_shown_as_text_not_markdown(monkeypatch, smoke_model):
+    """An uploaded file's name is escaped: no link, no image the browser would fetch."""
+    module = app_module()
+    name = "![x](http://evil.test/a.png) **b** [c](d) <img> $x$ :red[e].png"
+    escaped = module.md_escape(name)
+    assert "![" not in escaped and "](" not in escaped and "<img>" not in escaped
+    assert escaped.replace("\\", "") == name  # every character still shown
+    assert module.md_escape("digit-3.png") == "digit-3.png"
+    at = run_app(monkeypatch, smoke_model)
+    good = (SAMPLES / "digit-3.png").read_bytes()
+    upload(at, (name, b"not an image"), ("digit-3.png", good))
+    assert [e.value for e in at.error] == [
+        f"**{escaped}**: not an image file (or an unsupported format)"
+    ]
+    assert len(predictions_shown(at)) == 1
+
+
+def test_a_hostile_upload_costs_only_itself(monkeypatch, smoke_model):
+    """A 1 x 1,000,000 strip (refused by the decoding budget) and a 3000 x 60 panorama (shown
+    as a thumbnail st.image accepts) beside a good upload: every result is shown."""
+    import hostile
+
+    strip = hostile.png_bytes(1, hostile.STRIP)
+    wide = io.BytesIO()
+    Image.new("RGB", (3000, 60), (200, 30, 30)).save(wide, "PNG")
+    at = run_app(monkeypatch, smoke_model)
+    good = (SAMPLES / "digit-3.png").read_bytes()
+    upload(at, ("strip.png", strip), ("wide.png", wide.getvalue()), ("digit-3.png", good))
+    assert not at.exception, [e.value for e in at.exception]
+    [error] = [e.value for e in at.error]
+    assert error.startswith("**strip.png**: refused, 1 x 1000000 pixels")
+    assert len(predictions_shown(at)) == 2
+    module = app_module()
+    assert max(module.thumbnail(wide.getvalue(), 16).size) <= module.THUMBNAIL_PX
+
+
+def test_the_container_runs_the_app_with_its_streamlit_config():
+    """The app image holds .streamlit/config.toml in the app's working directory, so its
+    10 MB upload limit applies there too (Streamlit's own default is 200 MB)."""
+    import tomllib
+
+    from test_deploy import dockerfile_stages, dockerignore_excludes
+
+    config = Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml"
+    assert tomllib.loads(config.read_text())["server"]["maxUploadSize"] == 10
+    assert not dockerignore_excludes(".streamlit/config.toml")
+    app = dockerfile_stages()["app"]
+    copied = [(sources, dest) for flags, sources, dest, _ in app.copies if not flags]
+    assert ([".streamlit/config.toml"], ".streamlit/config.toml") in copied
+    assert app.workdir == "/app" and app.cmd[:3] == ["streamlit", "run", "source/app.py"]

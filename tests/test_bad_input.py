@@ -203,7 +203,8 @@ def test_app_shows_errors_for_refused_uploads_and_predictions_for_the_rest(
     refused = [n for n in chosen if corpus[n][1] == "refused"]
     assert len(errors) == len(refused)
     for message, name in zip(errors, refused, strict=True):
-        assert re.fullmatch(rf"\*\*{re.escape(corpus[name][0].name)}\*\*: {REASONS[name]}", message)
+        label = corpus[name][0].name.replace("_", "\\_")  # Markdown-escaped (app.md_escape)
+        assert re.fullmatch(rf"\*\*{re.escape(label)}\*\*: {REASONS[name]}", message)
     shown = predictions_shown(at)
     assert len(shown) == 3 and len(at.main.dataframe) == 3
     for name, line in zip(("cmyk", "exif_rotated"), (shown[0], shown[2]), strict=True):

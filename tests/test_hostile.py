@@ -1,12 +1,13 @@
 """Hostile inputs (issue 26): the generators of tests/hostile.py produce what they claim, and,
 in the PENDING block, what the project must do with them.
 
-The PENDING block is skipped until issue 26 is fixed at source: it asserts the behaviour the
-issue asks for against today's public functions (preprocessing.decode_image,
-predict.Predictor.predict, checkpoint.load_model, preprocessing.load_csv_splits,
+The serving side of issue 26 is tested here: imagesafe.open_image and Predictor.predict on
+every huge and broken image, memory included (one child process runs every case and reports
+its peak RSS after each, from resource.getrusage: Pillow allocates its pixels with malloc,
+which tracemalloc does not see). The PENDING block is skipped until the rest of issue 26 is
+fixed at source: it asserts the behaviour the issue asks for against today's public functions
+(preprocessing.decode_image, checkpoint.load_model, preprocessing.load_csv_splits,
 config.validate, preprocessing.make_loader). Set PENDING = False to see what fails today.
-Memory is measured in a child process (its own peak RSS, from resource.getrusage), so one
-test's allocations never hide or inflate another's.
 """
 
 from __future__ import annotations
@@ -267,48 +268,79 @@ def run_child(code: str, limit_bytes: int | None = None, timeout: float = 120) -
     return json.loads(lines[-1])
 
 
-DECODE_CHILD = """
+MEMORY_CHILD = """
 import torch  # the baseline includes the libraries every entry point loads
-import preprocessing as P
+from imagesafe import ImageError, open_image
 from predict import Predictor
 predictor = Predictor({model!r}, device="cpu")
+predictor.predict({warm!r})  # first-call allocations belong to the baseline
 before = peak_mb()
 out = {{}}
-try:
-    image = P.decode_image({path!r})
-    out["decode"] = "ok %dx%d" % image.size
-    del image
-except P.ImageError as err:
-    out["decode"] = "ImageError: " + str(err)[:120]
-except BaseException as err:
-    out["decode"] = type(err).__name__ + ": " + str(err)[:120]
-out["decode_mb"] = peak_mb() - before
-try:
-    [p] = predictor.predict({path!r})
-    out["predict"] = p.error or ("ok " + str(p.predicted))
-except BaseException as err:
-    out["predict"] = "raised " + type(err).__name__ + ": " + str(err)[:120]
-out["peak_mb"] = peak_mb() - before
+for name, path in {cases!r}.items():
+    case = out[name] = {{}}
+    for key, size in (("decode", None), ("decode_fit", predictor.image_size)):
+        try:
+            image = open_image(path, size=size)
+            case[key] = "ok %dx%d" % image.size
+            del image
+        except ImageError as err:
+            case[key] = "ImageError: " + str(err)
+        except BaseException as err:
+            case[key] = "raised " + type(err).__name__ + ": " + str(err)[:120]
+    try:
+        results = predictor.predict(path)  # a folder is expanded: to nothing here
+        case["predict"] = results[0].error or ("ok " + str(results[0].predicted)) if results else ""
+    except BaseException as err:
+        case["predict"] = "raised " + type(err).__name__ + ": " + str(err)[:120]
+    case["peak_mb"] = peak_mb() - before
 print(json.dumps(out))
 """
 
 
-@pending
+@pytest.fixture(scope="module")
+def memory(huge, broken, checkpoint_path, tmp_path_factory) -> dict:
+    """{case: {decode, decode_fit, predict, peak_mb}}, every huge and broken image through
+    open_image (full size and fitted to the model) and Predictor.predict in ONE child: its
+    peak RSS only grows, so each case's peak_mb bounds what it, and every case before it,
+    took above the baseline."""
+    warm = tmp_path_factory.mktemp("warm") / "warm.png"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(warm)
+    cases = {n: str(p) for n, (p, _) in {**huge, **broken}.items()}
+    code = MEMORY_CHILD.format(model=str(checkpoint_path), warm=str(warm), cases=cases)
+    out = run_child(code, limit_bytes=CHILD_MEMORY_LIMIT)
+    assert "crash" not in out, out
+    return out
+
+
 @pytest.mark.parametrize("name", HUGE_NAMES)
-def test_huge_image_costs_bounded_memory(huge, checkpoint_path, name):
-    """decode_image and Predictor.predict each refuse or shrink the image within budget."""
+def test_huge_image_costs_bounded_memory(huge, memory, name):
+    """open_image and Predictor.predict each refuse or shrink the image within budget."""
     if name not in huge:
         pytest.skip(f"{name}: codec not in this Pillow")
-    path, _ = huge[name]
-    code = DECODE_CHILD.format(model=str(checkpoint_path), path=str(path))
-    out = run_child(code, limit_bytes=CHILD_MEMORY_LIMIT)
+    out = memory[name]
     print(name, out)
-    assert "crash" not in out, out
-    assert not out["predict"].startswith("raised"), out
+    assert not any(str(v).startswith("raised") for v in out.values()), out
+    assert out["peak_mb"] < MAX_GROWTH_MB, out
+    if name != "jpeg_12000":  # 144 megapixels or a 1:1,000,000 strip: refused from the header
+        assert out["decode_fit"].startswith("ImageError") and "refused" in out["predict"], out
+    else:  # decoded at 1/8 scale, then shrunk: a prediction
+        assert out["predict"].startswith("ok"), out
+        assert out["decode"].startswith("ImageError"), out  # no size given: 144 MP refused
+
+
+@pytest.mark.parametrize("name", BROKEN_NAMES)
+def test_broken_image_costs_bounded_memory_and_is_one_error(broken, memory, name):
+    if name not in broken:
+        pytest.skip(f"{name}: codec not in this Pillow")
+    out = memory[name]
+    assert out["decode"].startswith("ImageError") and out["decode_fit"] == out["decode"], out
+    if name == "directory_named_jpg":  # a folder given as input: its (no) image files
+        assert out["predict"] == "", out
+    else:
+        assert not out["predict"].startswith(("ok", "raised")) and "\n" not in out["predict"], out
     assert out["peak_mb"] < MAX_GROWTH_MB, out
 
 
-@pending
 def test_predictor_keeps_good_files_beside_broken_ones(broken, checkpoint_path, tmp_path):
     from predict import Predictor
 
@@ -329,9 +361,44 @@ def test_predictor_keeps_good_files_beside_broken_ones(broken, checkpoint_path, 
             assert "unsupported" in failed[str(broken[name][0])].lower(), (name, failed)
 
 
+@pytest.mark.parametrize("name", sorted(set(BROKEN_NAMES) - {"avif_corrupt"}) + ["avif_corrupt"])
+def test_open_image_turns_every_decoder_error_into_image_error(broken, name):
+    import imagesafe
+
+    if name not in broken:
+        pytest.skip(f"{name}: codec not in this Pillow")
+    path = broken[name][0]
+    for size in (None, 16):
+        with pytest.raises(imagesafe.ImageError) as info:
+            imagesafe.open_image(path, size=size)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message, message
+    with pytest.raises(imagesafe.ImageError):
+        imagesafe.open_image(path.read_bytes() if path.is_file() else b"", name="upload.png")
+
+
+def test_open_image_budget_is_configurable(huge, monkeypatch):
+    import imagesafe
+
+    path = huge["png_1bit_13000"][0]
+    with pytest.raises(imagesafe.ImageError, match="over the limit of 40,000,000; set MAX_IMAGE"):
+        imagesafe.open_image(path)
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "1000")
+    small = hostile.png_bytes(40, 30)  # 1,200 pixels
+    with pytest.raises(imagesafe.ImageError, match="40 x 30 = 1,200 over the limit of 1,000"):
+        imagesafe.open_image(small)
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS='lots' is not a number"):
+        imagesafe.open_image(small)
+    monkeypatch.delenv("MAX_IMAGE_PIXELS")
+    assert imagesafe.open_image(small).size == (40, 30)
+    assert imagesafe.pixel_limit(2000) == 64 * 2000**2  # a huge model input raises the default
+
+
 @pending
 @pytest.mark.parametrize("name", sorted(set(BROKEN_NAMES) - {"avif_corrupt"}) + ["avif_corrupt"])
 def test_decode_image_turns_every_decoder_error_into_image_error(broken, name):
+    """The lead's: preprocessing.decode_image through imagesafe.open_image."""
     import preprocessing as P
 
     if name not in broken:

@@ -17,7 +17,8 @@ from torchvision.transforms import v2
 import metrics as M
 import preprocessing as P
 from checkpoint import config_from_checkpoint, load_checkpoint, make_checkpoint, save_checkpoint
-from predict import Prediction, Predictor, csv_header, expand_inputs, main, to_csv
+from predict import Prediction, Predictor, expand_inputs, main
+from predict_formats import csv_cell, csv_header, to_csv
 from transformer import build_model
 
 
@@ -299,3 +300,53 @@ def test_cli_into_a_closed_pipe_ends_quietly(smoke_model, image_folder):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_csv_cells_that_a_spreadsheet_would_run_get_an_apostrophe(start):
+    """OWASP's CSV-injection advice: a cell starting with = + - @ tab or CR is a formula."""
+    name = f'{start}HYPERLINK("http://x.test","click").png'
+    rows = [
+        Prediction(name, [(f"{start}cls", 0.75)], f"{start}cls", 0.75),
+        Prediction("-b.png", error=f"{start}not an image"),
+    ]
+    parsed = list(csv.reader(io.StringIO(to_csv(rows, topk=1), newline="")))
+    first = start.replace("\r", "\n")  # a lone CR would end the row for a CSV reader
+    assert parsed[1] == [f"'{first}" + name[1:], f"'{first}cls", "0.750000", f"'{first}cls",
+                         "0.750000", ""]  # fmt: skip
+    assert parsed[2] == ["'-b.png", "", "", "", "", f"'{first}not an image"]
+    assert csv_cell("a=b") == "a=b" and csv_cell("") == "" and csv_cell("0.5") == "0.5"
+
+
+def test_any_exception_of_one_input_is_that_inputs_error(predictor, monkeypatch):
+    """A decoder may raise anything (EOFError, NotImplementedError, struct.error...): the
+    input gets a one-line error, the inputs beside it their predictions."""
+    good = Image.new("RGB", (16, 16), (120, 30, 200))
+    load = predictor.preprocessing.load
+
+    def flaky(name, data):
+        if name == "bad.spi":
+            raise EOFError("attempt to seek\nin a non-stack file")
+        return load(name, data)
+
+    monkeypatch.setattr(predictor.preprocessing, "load", flaky)
+    results = predictor.predict([("a.png", good), ("bad.spi", b"x"), ("b.png", good)])
+    assert [r.ok for r in results] == [True, False, True]
+    assert (
+        results[1].error == "cannot be classified (EOFError: attempt to seek in a non-stack file)"
+    )
+
+
+def test_a_large_image_is_shrunk_as_it_is_read(predictor):
+    """The decoded image is kept only as large as the model's input needs (a whole-factor
+    reduction, short side at least twice the input side), and predicts like the original."""
+    big = Image.new("RGB", (1600, 1200), (200, 40, 40))
+    data = io.BytesIO()
+    big.save(data, "JPEG", quality=95)
+    image, pixels = predictor.preprocessing.load("big.jpg", data.getvalue())
+    size = predictor.image_size
+    assert 2 * size <= min(image.size) < 4 * size and image.width > image.height
+    assert tuple(pixels.shape) == (3, size, size)
+    [shrunk] = predictor.predict(("big.jpg", data.getvalue()))
+    [direct] = predictor.predict(big.resize((4 * size, 3 * size)))
+    assert shrunk.predicted == direct.predicted

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import serve
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from predict import Predictor
 from serve import create_app
 
@@ -224,7 +225,7 @@ def test_openapi_schema_shows_the_response_fields(client):
 def test_documented_error_codes_are_the_ones_the_api_answers(client):
     schema = client.get("/openapi.json").json()
     responses = schema["paths"]["/predict"]["post"]["responses"]
-    assert set(responses) == {"200", "400", "413", "503"}  # 503: the queue bound, tested below
+    assert set(responses) == {"200", "400", "413", "500", "503"}  # 503: the queue bound, below
     assert "422" not in json.dumps(schema) and "HTTPValidationError" not in json.dumps(schema)
     problem = responses["400"]["content"]["application/json"]["schema"]["$ref"]
     assert problem.endswith("/Problem")
@@ -372,3 +373,85 @@ def test_metrics_describe_the_model_and_count_what_was_sent(smoke_model):
     info = dict(info)
     assert info["model_path"] == str(smoke_model)
     assert info["created"] == str(ckpt["provenance"]["created"]) and info["backend"] == "torch"
+
+
+# ---- hostile clients and models (issue 26) -----------------------------------------------------
+
+
+def test_every_error_answer_is_json(smoke_model, monkeypatch):
+    """404, 405, 413 and a 500 from an unexpected exception: {"detail": ...}, never text."""
+    app = create_app(smoke_model, max_upload_bytes=20_000, device="cpu")
+    with TestClient(app, raise_server_exceptions=False) as c:
+
+        def broken(*args, **kwargs):
+            raise ZeroDivisionError("a bug")
+
+        monkeypatch.setattr(app.state.batcher, "predict", broken)
+        answers = {
+            404: c.get("/no/such/page"),
+            405: c.get("/predict"),
+            413: c.post("/predict", files={"files": ("big.png", b"\0" * 30_000)}),
+            500: c.post("/predict", files={"files": ("a.png", png(), "image/png")}),
+        }
+    for status, response in answers.items():
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json", status
+        assert set(response.json()) == {"detail"} and response.json()["detail"], status
+    assert "a bug" not in answers[500].text  # the log has it, not the client
+
+
+@pytest.fixture(scope="module")
+def nan_model(smoke_model, tmp_path_factory) -> Path:
+    ckpt = load_checkpoint(smoke_model)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][name] = ckpt["state_dict"][name].clone().fill_(float("nan"))
+    path = tmp_path_factory.mktemp("nan") / "model.pth"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def test_a_model_with_nan_weights_is_refused_at_start(nan_model, capsys):
+    assert serve.main(["--model-path", str(nan_model), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot serve {nan_model}: ") and "\n" not in err
+    with pytest.raises(CheckpointError), TestClient(create_app(nan_model, device="cpu")):
+        pass
+
+
+def test_slow_and_malformed_clients_are_answered_or_closed(smoke_model):
+    """A client sending a header byte at a time is disconnected at --header-timeout; a
+    malformed request gets uvicorn's 400 as JSON; a good client is served meanwhile."""
+    import httpx
+
+    from load import start_server, stop_server
+
+    server, url = start_server(str(smoke_model), extra=["--header-timeout", "1.5"])
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        start, closed = time.monotonic(), False
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.25)
+            except OSError:  # reset: closed by the server
+                closed = True
+                break
+            if time.monotonic() - start > 6:
+                break
+        if not closed:
+            slow.settimeout(1)
+            closed = slow.recv(1024) == b""
+        assert closed and time.monotonic() - start < 6
+        slow.close()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        with socket.create_connection((host, int(port)), timeout=10) as bad:
+            bad.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            answer = b""
+            while chunk := bad.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+        assert json.loads(body)["detail"].startswith("malformed HTTP request")
+    finally:
+        stop_server(server)
