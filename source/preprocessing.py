@@ -13,7 +13,6 @@ fixed by the seed, so no image is ever in two splits.
 
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import logging
@@ -27,12 +26,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from manifest import SPLIT_NAMES, ManifestError, read_manifest
 from runtime import default_threads
 
 log = logging.getLogger("preprocessing")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+SPLIT_DIRS = SPLIT_NAMES  # train | val | test -> the folder (and CSV split) names for it
 TORCHVISION_DATASETS = {
     "cifar10": "CIFAR10",
     "cifar100": "CIFAR100",
@@ -240,6 +240,11 @@ def stratified_split(targets, fractions, seed: int) -> list[list[int]]:
 
 def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
     """by_split: {"train": [(path, label)], "val": [...] or None, "test": [...] or None}."""
+    if len(classes) < 2:
+        raise DataError(
+            f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier "
+            "needs at least 2: add images of another class (a folder or a label)"
+        )
     skipped, cached = [], {}
     everything = [s for samples in by_split.values() if samples for s in samples]
     decode = cfg.cache_images and _fits_in_memory(everything)
@@ -342,47 +347,25 @@ def load_folder_splits(root: Path, cfg) -> Splits:
     return _from_samples(by_split, classes, cfg)
 
 
-# The column names a CSV manifest may use, lower-case; path and label are required.
-CSV_COLUMNS = {
-    "path": ("path", "filepath", "file", "filename", "image", "image name", "image_path"),
-    "label": ("label", "class", "target", "category", "majority vote label"),
-    "split": ("split", "partition", "set", "subset"),
-}
-
-
-def _pick_column(header: list[str], what: str, path: Path) -> str | None:
-    lowered = {h.strip().lower(): h for h in header}
-    found = next((lowered[n] for n in CSV_COLUMNS[what] if n in lowered), None)
-    if found is None and what != "split":
-        raise DataError(f"{path} has no {what} column; name one of: "
-                        f"{', '.join(CSV_COLUMNS[what])} (found: {', '.join(header)})")  # fmt: skip
-    return found
-
-
 def load_csv_splits(path: Path, cfg) -> Splits:
-    """A manifest such as MHIST's annotations.csv: paths relative to the CSV's folder
-    (or its images/ subfolder), labels as names, an optional train/valid/test column."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise DataError(f"{path} has no rows")
-    header = list(rows[0])
-    path_col, label_col, split_col = (_pick_column(header, c, path) for c in CSV_COLUMNS)
-    classes = sorted({r[label_col].strip() for r in rows})
+    """A manifest such as MHIST's annotations.csv (manifest.py reads and checks it): paths
+    relative to the CSV's folder (or its images/ subfolder), labels as names, an optional
+    train/valid/test column. Every problem is a DataError naming the manifest."""
+    try:
+        rows = read_manifest(path)
+    except ManifestError as err:
+        raise DataError(str(err)) from None
+    classes = sorted({row.label for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
     by_split: dict = {"train": [], "val": None, "test": None}
     for row in rows:
-        rel = Path(row[path_col].strip())
-        # Relative to the manifest first (an absolute path stays itself), never the cwd.
-        candidates = [path.parent / rel, path.parent / "images" / rel]
-        file = next((c for c in candidates if c.is_file()), candidates[0])
-        split = (row[split_col].strip().lower() if split_col else "train") or "train"
-        split = next((s for s, names in SPLIT_DIRS.items() if split in names), None)
-        if split is None:
-            raise DataError(f"{path}: split {row[split_col]!r} is not train, valid or test")
-        if by_split[split] is None:
-            by_split[split] = []
-        by_split[split].append((str(file), classes.index(row[label_col].strip())))
-    return _from_samples(by_split, classes, cfg)
+        if by_split[row.split] is None:
+            by_split[row.split] = []
+        by_split[row.split].append((row.file, index[row.label]))
+    try:
+        return _from_samples(by_split, classes, cfg)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
 
 
 def load_torchvision_splits(name: str, cfg) -> Splits:
