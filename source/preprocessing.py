@@ -13,10 +13,12 @@ fixed by the seed, so no image is ever in two splits.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,9 @@ TORCHVISION_DATASETS = {
     "fashionmnist": "FashionMNIST",
 }
 CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded uint8 images cached in memory up to this size
+DEFAULT_MAX_PIXELS = 40_000_000  # an image declaring more is refused ($MAX_IMAGE_PIXELS)
+# Formats Pillow does not read: listed as skipped (named), never silently left out.
+UNSUPPORTED = {".svg": "SVG", ".pdf": "PDF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
 
 
 class DataError(ValueError):
@@ -70,31 +75,59 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(source) -> Image.Image:
-    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem."""
+def pixel_limit() -> int:
+    """The most pixels an image may declare: $MAX_IMAGE_PIXELS, else 40 million."""
+    value = os.environ.get("MAX_IMAGE_PIXELS", "").strip()
+    return int(float(value)) if value else DEFAULT_MAX_PIXELS
+
+
+def decode_image(source, scale: int = 1) -> Image.Image:
+    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem in one
+    line. The size the header declares is checked against pixel_limit() before any pixel is
+    decoded; scale > 1 decodes JPEGs at 1/scale (libjpeg's draft mode: a quick check)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     name = "upload" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise ImageError(f"{name}: the file is empty (0 bytes)")
-            img = Image.open(io.BytesIO(source))
-        else:
-            if os.path.getsize(source) == 0:
-                raise ImageError(f"{name}: the file is empty (0 bytes)")
-            img = Image.open(source)
-        img.seek(0)
-        img.load()
-        return to_rgb(img)
+        if not (len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)):
+            raise ImageError(f"{name}: the file is empty (0 bytes)")
+        data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(data)
+        with img:
+            if scale > 1:
+                img.draft("RGB", (img.width // scale or 1, img.height // scale or 1))
+            if img.width * img.height > pixel_limit():
+                raise ImageError(
+                    f"{name}: refused, too many pixels ({img.width} x {img.height} over the limit "
+                    f"of {pixel_limit():,}; set MAX_IMAGE_PIXELS to raise it)"
+                )
+            img.seek(0)
+            img.load()
+            return to_rgb(img)
     except ImageError:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name}: refused, too many pixels ({err})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{name}: unreadable image ({err})") from None
+    except Exception as err:  # noqa: BLE001 - every decoder failure is this file's error
+        raise ImageError(f"{name}: {describe(err, name)}") from None
+
+
+def describe(err: Exception, name: str) -> str:
+    """A decoder's exception -> its reason in one line, unsupported formats named as such."""
+    kind, text = UNSUPPORTED.get(Path(name).suffix.lower()), " ".join(str(err).split())[:300]
+    if isinstance(err, (UnidentifiedImageError, NotImplementedError)) and kind:
+        return f"unsupported format ({kind}); convert it to PNG or JPEG"
+    if isinstance(err, NotImplementedError):
+        return f"unsupported format (a variant Pillow cannot decode: {text})"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file (or an unsupported format)"
+    if isinstance(err, (Image.DecompressionBombError, MemoryError)):
+        return f"refused, too many pixels ({text or 'out of memory'})"
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if isinstance(err, FileNotFoundError):
+        return "no such file (a dangling symbolic link?)"
+    return f"unreadable image ({text or type(err).__name__})"
 
 
 # ---- datasets ------------------------------------------------------------------------------
@@ -166,56 +199,41 @@ class Splits:
     skipped: list  # "path: reason" for every file that could not be read
 
 
-def _fits_in_memory(samples: list[tuple[str, int]]) -> bool:
-    """Whether every image, decoded as uint8, fits the cache (judged from one image)."""
-    for path, _ in samples[:20]:
-        try:
-            with Image.open(path) as img:
-                return img.width * img.height * 3 * len(samples) <= CACHE_LIMIT_BYTES
-        except (OSError, SyntaxError, ValueError):
-            continue
-    return False
-
-
-def scan_images(samples: list[tuple[str, int]], decode: bool = False):
+def scan_images(samples: list[tuple[str, int]], decode: bool = False, cache=None):
     """Drop files that are empty, not images, or cannot be decoded; returns (good samples,
-    "path: reason" list, images or None). decode=False decodes at reduced scale and keeps
+    "path: reason" list, images or None). decode=False decodes JPEGs at 1/8 scale and keeps
     nothing (large datasets stay lazily decoded); decode=True decodes every pixel and returns
-    the images as uint8 tensors (the in-memory cache), which also catches files truncated
-    after their headers."""
-    good, bad, images = [], [], []
+    the images as uint8 tensors (the in-memory cache) while `cache` (a dict holding "left",
+    the bytes still free; CACHE_LIMIT_BYTES by default) lasts: past it, images is None."""
+    cache = {"left": CACHE_LIMIT_BYTES} if cache is None else cache
+    good, bad, images = [], [], [] if decode else None
     for path, label in samples:
-        if decode:
-            try:
-                images.append(v2.functional.pil_to_tensor(decode_image(path)))
-                good.append((path, label))
-            except ImageError as err:
-                bad.append(str(err))
-            continue
         try:
-            if os.path.getsize(path) == 0:
-                raise ImageError(f"{path}: the file is empty (0 bytes)")
-            with Image.open(path) as img:
-                # Decode the whole stream (a file truncated after its headers fails here),
-                # at 1/8 scale for JPEGs: fast enough to check tens of thousands of files.
-                img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
-                img.load()
+            if images is None:
+                decode_image(path, scale=8)
+            else:
+                images.append(v2.functional.pil_to_tensor(decode_image(path)))
+                cache["left"] -= images[-1].numel()
+                if cache["left"] < 0:
+                    log.info("the decoded images pass %d bytes: not cached", CACHE_LIMIT_BYTES)
+                    images = None
             good.append((path, label))
         except ImageError as err:
             bad.append(str(err))
-        except Image.DecompressionBombError:
-            bad.append(f"{path}: refused, too many pixels")
-        except (OSError, SyntaxError, ValueError) as err:
-            reason = "not an image file" if isinstance(err, UnidentifiedImageError) else err
-            bad.append(f"{path}: {reason}")
-    return good, bad, images if decode else None
+    return good, bad, images
+
+
+def image_files(folder: Path) -> list[str]:
+    """The image files under `folder`, with the unsupported formats and broken links among
+    them (so that the scan lists them as skipped, with the reason)."""
+    suffixes = (*IMAGE_EXTENSIONS, *UNSUPPORTED)
+    found = (f for f in folder.rglob("*") if f.suffix.lower() in suffixes)
+    return sorted(str(f) for f in found if f.is_file() or f.is_symlink())
 
 
 def class_folders(root: Path) -> dict[str, list[str]]:
     return {
-        d.name: sorted(
-            str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        d.name: image_files(d)
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith(".")
     }
@@ -245,12 +263,10 @@ def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
             f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier "
             "needs at least 2: add images of another class (a folder or a label)"
         )
-    skipped, cached = [], {}
-    everything = [s for samples in by_split.values() if samples for s in samples]
-    decode = cfg.cache_images and _fits_in_memory(everything)
+    skipped, cached, cache = [], {}, {"left": CACHE_LIMIT_BYTES}  # every image counts
     for name, samples in by_split.items():
         if samples is not None:
-            by_split[name], bad, cached[name] = scan_images(samples, decode)
+            by_split[name], bad, cached[name] = scan_images(samples, cfg.cache_images, cache)
             skipped += bad
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped[:50]))
