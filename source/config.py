@@ -33,7 +33,7 @@ class Config:
     # ---- data -------------------------------------------------------------------------
     data: str = "digits"  # digits | folder path | .csv manifest | torchvision name (cifar10)
     data_dir: str = "data"  # where torchvision downloads go
-    image_size: int = 32  # side of the square model input, in pixels
+    image_size: int = 32  # side of the square model input, in pixels (1 to 4096)
     val_fraction: float = 0.15  # held out for validation when the data has no valid split
     test_fraction: float = 0.15  # held out for testing when the data has no test split
     mean: tuple = (0.5, 0.5, 0.5)  # per-channel normalisation mean (RGB)
@@ -47,17 +47,17 @@ class Config:
     cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha); 0 = off
     repeated_aug: int = 1  # each training image appears this many times an epoch (>= 1)
     cache_images: bool = True  # keep decoded images in memory as uint8 when they fit
-    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    num_workers: int = 2  # DataLoader worker processes (0 = main process; at most the cores)
     batch_size: int = 128  # images per step (per process under torchrun)
 
     # ---- model --------------------------------------------------------------------------
     arch: str = "vit"  # vit | a torchvision CNN name (resnet18, ...) e.g. for a teacher
     model_size: str = "custom"  # tiny | small | base fill the shape below; custom = as given
-    patch_size: int = 4  # side of a square patch, in pixels
-    embed_dim: int = 192  # token width
-    depth: int = 6  # number of transformer blocks
-    num_heads: int = 3  # attention heads per block
-    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    patch_size: int = 4  # side of a square patch, in pixels (at most 65,536 patches an image)
+    embed_dim: int = 192  # token width (1 to 8192)
+    depth: int = 6  # number of transformer blocks (1 to 64; at most 2e9 parameters in all)
+    num_heads: int = 3  # attention heads per block (1 to 128, dividing embed_dim)
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim (above 0, at most 16)
     qkv_bias: bool = True  # bias in the fused qkv projection
     tokenizer: str = "patch"  # patch (one strided conv, the paper) | conv (CCT conv stem)
     pos_embed: str = "learn"  # learn | sincos (fixed 2-D sin-cos)
@@ -101,7 +101,7 @@ class Config:
     target_tpr: float = 0.95  # with threshold_rule=tpr: the smallest TPR to reach
 
     # ---- run --------------------------------------------------------------------------
-    seed: int = 42  # seeds python, numpy and torch; also fixes the data split
+    seed: int = 42  # seeds python, numpy and torch; also fixes the data split (0 to 2**32-1)
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | mps
     compile: bool = False  # torch.compile the model for training
     threads: int = 0  # CPU threads for torch ops, at most the cores available (0 = torch default)
@@ -237,26 +237,75 @@ def apply_overrides(cfg: Config, values: dict) -> Config:
     return cfg
 
 
+# Bounds of the model's shape: beyond them a typo (depth 200000, image_size 100000) would
+# allocate until memory runs out. A checkpoint's config is held to the same (checkpoint.py).
+LIMITS = dict(image_size=4096, embed_dim=8192, depth=64, num_heads=128, mlp_ratio=16)
+MAX_PATCHES = 65_536  # patches per image: (image_size / patch_size) ** 2
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 weights (ViT-G/14 has 1.8 billion)
+MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
+
+
+def estimated_parameters(cfg: Config) -> int:
+    """About how many weights a ViT of this shape has: blocks, patch and position embeddings."""
+    tokens = (cfg.image_size // max(cfg.patch_size, 1)) ** 2 + 1
+    block = (4 + 2 * cfg.mlp_ratio) * cfg.embed_dim**2
+    return int(cfg.depth * block + (3 * cfg.patch_size**2 + tokens) * cfg.embed_dim)
+
+
+def shape_problems(cfg: Config) -> list[str]:
+    """The model shape's problems, one sentence each naming the fix ([] when it can be built)."""
+    numbers = {name: getattr(cfg, name) for name in (*LIMITS, "patch_size")}
+    wrong = [f"{k} {v!r}" for k, v in numbers.items() if not isinstance(v, (int, float))]
+    if wrong:
+        return [f"{', '.join(wrong)} must be numbers"]
+    problems = []
+    for name, top in LIMITS.items():
+        value, least = numbers[name], "above 0" if name == "mlp_ratio" else "at least 1"
+        if not (value > 0 if name == "mlp_ratio" else value >= 1):
+            problems.append(f"{name} must be {least}; got {value}")
+        elif value > top:
+            problems.append(
+                f"{name} {value} is over the limit of {top}; use {least}, at most {top}"
+            )
+    if cfg.patch_size < 1 or cfg.image_size % cfg.patch_size:
+        problems.append(
+            f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}; "
+            "pick a patch size that divides the image size"
+        )
+    elif (cfg.image_size // cfg.patch_size) ** 2 > MAX_PATCHES:
+        problems.append(
+            f"image_size {cfg.image_size} / patch_size {cfg.patch_size} gives "
+            f"{(cfg.image_size // cfg.patch_size) ** 2:,} patches (over {MAX_PATCHES:,}); "
+            "raise patch_size or lower image_size"
+        )
+    if cfg.tokenizer == "conv" and cfg.patch_size & (cfg.patch_size - 1):
+        problems.append(f"the conv tokenizer needs a power-of-two patch_size; got {cfg.patch_size}")
+    if cfg.num_heads < 1 or cfg.embed_dim % cfg.num_heads:
+        problems.append(
+            f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}; "
+            "change one so that embed_dim / num_heads is a whole number"
+        )
+    if not problems and estimated_parameters(cfg) > MAX_PARAMETERS:
+        problems.append(
+            f"the model would have about {estimated_parameters(cfg) / 1e9:.1f} billion "
+            f"parameters (over {MAX_PARAMETERS / 1e9:g}); lower depth or embed_dim"
+        )
+    return problems
+
+
 def validate(cfg: Config) -> Config:
     """Refuse impossible settings with one sentence naming the problem and the fix."""
-    problems = []
+    problems = shape_problems(cfg)
 
     def check(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    check(cfg.image_size > 0 and cfg.patch_size > 0, "image_size and patch_size must be > 0")
     check(
-        cfg.patch_size > 0 and cfg.image_size % cfg.patch_size == 0,
-        f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}; "
-        "pick a patch size that divides the image size",
+        0 <= cfg.seed <= MAX_SEED,
+        f"seed {cfg.seed} is out of range; use 0 to {MAX_SEED} (there is no random seed: "
+        "-1 does not mean one)",
     )
-    check(
-        cfg.num_heads > 0 and cfg.embed_dim % cfg.num_heads == 0,
-        f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}; "
-        "change one so that embed_dim / num_heads is a whole number",
-    )
-    check(cfg.depth >= 1, f"depth must be at least 1; got {cfg.depth}")
     check(cfg.batch_size >= 1, f"batch_size must be at least 1; got {cfg.batch_size}")
     check(cfg.epochs >= 1, f"epochs must be at least 1; got {cfg.epochs}")
     check(cfg.lr > 0, f"lr must be positive; got {cfg.lr}")
@@ -403,6 +452,11 @@ def layer_config(args: argparse.Namespace, infer=None) -> Layered:
     if cfg.pretrained and infer is not None:
         cfg = build(infer(cfg.pretrained))
     explicit = {k.replace("-", "_") for k in file_values} | set(given)
+    if Path(cfg.model_path).is_dir():
+        raise ConfigError(
+            f"--model-path {cfg.model_path} is a folder; give a file path such as "
+            f"{Path(cfg.model_path) / 'model.pth'}"
+        )
     return Layered(validate(cfg), explicit)
 
 

@@ -132,11 +132,7 @@ def load_new_data(spec: str, cfg, classes: list, *, labelled: bool) -> tuple[P.I
     images = None
     if path.is_dir():
         if not labelled:
-            samples = [
-                (str(f), 0)
-                for f in sorted(path.rglob("*"))
-                if f.is_file() and f.suffix.lower() in P.IMAGE_EXTENSIONS
-            ]
+            samples = [(f, 0) for f in P.image_files(path)]  # unsupported ones listed as skipped
         else:
             samples = []
             for root in _split_dirs(path) or [path]:

@@ -13,11 +13,12 @@ fixed by the seed, so no image is ever in two splits.
 
 from __future__ import annotations
 
-import csv
+import errno
 import functools
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from manifest import SPLIT_NAMES, ManifestError, read_manifest
 from runtime import default_threads
 
 log = logging.getLogger("preprocessing")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+SPLIT_DIRS = SPLIT_NAMES  # train | val | test -> the folder (and CSV split) names for it
 TORCHVISION_DATASETS = {
     "cifar10": "CIFAR10",
     "cifar100": "CIFAR100",
@@ -40,6 +42,9 @@ TORCHVISION_DATASETS = {
     "fashionmnist": "FashionMNIST",
 }
 CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded uint8 images cached in memory up to this size
+DEFAULT_MAX_PIXELS = 40_000_000  # an image declaring more is refused ($MAX_IMAGE_PIXELS)
+# Formats Pillow does not read: listed as skipped (named), never silently left out.
+UNSUPPORTED = {".svg": "SVG", ".pdf": "PDF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
 
 
 class DataError(ValueError):
@@ -70,31 +75,59 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(source) -> Image.Image:
-    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem."""
+def pixel_limit() -> int:
+    """The most pixels an image may declare: $MAX_IMAGE_PIXELS, else 40 million."""
+    value = os.environ.get("MAX_IMAGE_PIXELS", "").strip()
+    return int(float(value)) if value else DEFAULT_MAX_PIXELS
+
+
+def decode_image(source, scale: int = 1) -> Image.Image:
+    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem in one
+    line. The size the header declares is checked against pixel_limit() before any pixel is
+    decoded; scale > 1 decodes JPEGs at 1/scale (libjpeg's draft mode: a quick check)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     name = "upload" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise ImageError(f"{name}: the file is empty (0 bytes)")
-            img = Image.open(io.BytesIO(source))
-        else:
-            if os.path.getsize(source) == 0:
-                raise ImageError(f"{name}: the file is empty (0 bytes)")
-            img = Image.open(source)
-        img.seek(0)
-        img.load()
-        return to_rgb(img)
+        if not (len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)):
+            raise ImageError(f"{name}: the file is empty (0 bytes)")
+        data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(data)
+        with img:
+            if scale > 1:
+                img.draft("RGB", (img.width // scale or 1, img.height // scale or 1))
+            if img.width * img.height > pixel_limit():
+                raise ImageError(
+                    f"{name}: refused, too many pixels ({img.width} x {img.height} over the limit "
+                    f"of {pixel_limit():,}; set MAX_IMAGE_PIXELS to raise it)"
+                )
+            img.seek(0)
+            img.load()
+            return to_rgb(img)
     except ImageError:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name}: refused, too many pixels ({err})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{name}: unreadable image ({err})") from None
+    except Exception as err:  # noqa: BLE001 - every decoder failure is this file's error
+        raise ImageError(f"{name}: {describe(err, name)}") from None
+
+
+def describe(err: Exception, name: str) -> str:
+    """A decoder's exception -> its reason in one line, unsupported formats named as such."""
+    kind, text = UNSUPPORTED.get(Path(name).suffix.lower()), " ".join(str(err).split())[:300]
+    if isinstance(err, (UnidentifiedImageError, NotImplementedError)) and kind:
+        return f"unsupported format ({kind}); convert it to PNG or JPEG"
+    if isinstance(err, NotImplementedError):
+        return f"unsupported format (a variant Pillow cannot decode: {text})"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file (or an unsupported format)"
+    if isinstance(err, (Image.DecompressionBombError, MemoryError)):
+        return f"refused, too many pixels ({text or 'out of memory'})"
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if isinstance(err, FileNotFoundError):
+        return "no such file (a dangling symbolic link?)"
+    return f"unreadable image ({text or type(err).__name__})"
 
 
 # ---- datasets ------------------------------------------------------------------------------
@@ -166,56 +199,41 @@ class Splits:
     skipped: list  # "path: reason" for every file that could not be read
 
 
-def _fits_in_memory(samples: list[tuple[str, int]]) -> bool:
-    """Whether every image, decoded as uint8, fits the cache (judged from one image)."""
-    for path, _ in samples[:20]:
-        try:
-            with Image.open(path) as img:
-                return img.width * img.height * 3 * len(samples) <= CACHE_LIMIT_BYTES
-        except (OSError, SyntaxError, ValueError):
-            continue
-    return False
-
-
-def scan_images(samples: list[tuple[str, int]], decode: bool = False):
+def scan_images(samples: list[tuple[str, int]], decode: bool = False, cache=None):
     """Drop files that are empty, not images, or cannot be decoded; returns (good samples,
-    "path: reason" list, images or None). decode=False decodes at reduced scale and keeps
+    "path: reason" list, images or None). decode=False decodes JPEGs at 1/8 scale and keeps
     nothing (large datasets stay lazily decoded); decode=True decodes every pixel and returns
-    the images as uint8 tensors (the in-memory cache), which also catches files truncated
-    after their headers."""
-    good, bad, images = [], [], []
+    the images as uint8 tensors (the in-memory cache) while `cache` (a dict holding "left",
+    the bytes still free; CACHE_LIMIT_BYTES by default) lasts: past it, images is None."""
+    cache = {"left": CACHE_LIMIT_BYTES} if cache is None else cache
+    good, bad, images = [], [], [] if decode else None
     for path, label in samples:
-        if decode:
-            try:
-                images.append(v2.functional.pil_to_tensor(decode_image(path)))
-                good.append((path, label))
-            except ImageError as err:
-                bad.append(str(err))
-            continue
         try:
-            if os.path.getsize(path) == 0:
-                raise ImageError(f"{path}: the file is empty (0 bytes)")
-            with Image.open(path) as img:
-                # Decode the whole stream (a file truncated after its headers fails here),
-                # at 1/8 scale for JPEGs: fast enough to check tens of thousands of files.
-                img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
-                img.load()
+            if images is None:
+                decode_image(path, scale=8)
+            else:
+                images.append(v2.functional.pil_to_tensor(decode_image(path)))
+                cache["left"] -= images[-1].numel()
+                if cache["left"] < 0:
+                    log.info("the decoded images pass %d bytes: not cached", CACHE_LIMIT_BYTES)
+                    images = None
             good.append((path, label))
         except ImageError as err:
             bad.append(str(err))
-        except Image.DecompressionBombError:
-            bad.append(f"{path}: refused, too many pixels")
-        except (OSError, SyntaxError, ValueError) as err:
-            reason = "not an image file" if isinstance(err, UnidentifiedImageError) else err
-            bad.append(f"{path}: {reason}")
-    return good, bad, images if decode else None
+    return good, bad, images
+
+
+def image_files(folder: Path) -> list[str]:
+    """The image files under `folder`, with the unsupported formats and broken links among
+    them (so that the scan lists them as skipped, with the reason)."""
+    suffixes = (*IMAGE_EXTENSIONS, *UNSUPPORTED)
+    found = (f for f in folder.rglob("*") if f.suffix.lower() in suffixes)
+    return sorted(str(f) for f in found if f.is_file() or f.is_symlink())
 
 
 def class_folders(root: Path) -> dict[str, list[str]]:
     return {
-        d.name: sorted(
-            str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        d.name: image_files(d)
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith(".")
     }
@@ -240,12 +258,15 @@ def stratified_split(targets, fractions, seed: int) -> list[list[int]]:
 
 def _from_samples(by_split: dict, classes: list, cfg) -> Splits:
     """by_split: {"train": [(path, label)], "val": [...] or None, "test": [...] or None}."""
-    skipped, cached = [], {}
-    everything = [s for samples in by_split.values() if samples for s in samples]
-    decode = cfg.cache_images and _fits_in_memory(everything)
+    if len(classes) < 2:
+        raise DataError(
+            f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier "
+            "needs at least 2: add images of another class (a folder or a label)"
+        )
+    skipped, cached, cache = [], {}, {"left": CACHE_LIMIT_BYTES}  # every image counts
     for name, samples in by_split.items():
         if samples is not None:
-            by_split[name], bad, cached[name] = scan_images(samples, decode)
+            by_split[name], bad, cached[name] = scan_images(samples, cfg.cache_images, cache)
             skipped += bad
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped[:50]))
@@ -342,47 +363,25 @@ def load_folder_splits(root: Path, cfg) -> Splits:
     return _from_samples(by_split, classes, cfg)
 
 
-# The column names a CSV manifest may use, lower-case; path and label are required.
-CSV_COLUMNS = {
-    "path": ("path", "filepath", "file", "filename", "image", "image name", "image_path"),
-    "label": ("label", "class", "target", "category", "majority vote label"),
-    "split": ("split", "partition", "set", "subset"),
-}
-
-
-def _pick_column(header: list[str], what: str, path: Path) -> str | None:
-    lowered = {h.strip().lower(): h for h in header}
-    found = next((lowered[n] for n in CSV_COLUMNS[what] if n in lowered), None)
-    if found is None and what != "split":
-        raise DataError(f"{path} has no {what} column; name one of: "
-                        f"{', '.join(CSV_COLUMNS[what])} (found: {', '.join(header)})")  # fmt: skip
-    return found
-
-
 def load_csv_splits(path: Path, cfg) -> Splits:
-    """A manifest such as MHIST's annotations.csv: paths relative to the CSV's folder
-    (or its images/ subfolder), labels as names, an optional train/valid/test column."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise DataError(f"{path} has no rows")
-    header = list(rows[0])
-    path_col, label_col, split_col = (_pick_column(header, c, path) for c in CSV_COLUMNS)
-    classes = sorted({r[label_col].strip() for r in rows})
+    """A manifest such as MHIST's annotations.csv (manifest.py reads and checks it): paths
+    relative to the CSV's folder (or its images/ subfolder), labels as names, an optional
+    train/valid/test column. Every problem is a DataError naming the manifest."""
+    try:
+        rows = read_manifest(path)
+    except ManifestError as err:
+        raise DataError(str(err)) from None
+    classes = sorted({row.label for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
     by_split: dict = {"train": [], "val": None, "test": None}
     for row in rows:
-        rel = Path(row[path_col].strip())
-        # Relative to the manifest first (an absolute path stays itself), never the cwd.
-        candidates = [path.parent / rel, path.parent / "images" / rel]
-        file = next((c for c in candidates if c.is_file()), candidates[0])
-        split = (row[split_col].strip().lower() if split_col else "train") or "train"
-        split = next((s for s, names in SPLIT_DIRS.items() if split in names), None)
-        if split is None:
-            raise DataError(f"{path}: split {row[split_col]!r} is not train, valid or test")
-        if by_split[split] is None:
-            by_split[split] = []
-        by_split[split].append((str(file), classes.index(row[label_col].strip())))
-    return _from_samples(by_split, classes, cfg)
+        if by_split[row.split] is None:
+            by_split[row.split] = []
+        by_split[row.split].append((row.file, index[row.label]))
+    try:
+        return _from_samples(by_split, classes, cfg)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
 
 
 def load_torchvision_splits(name: str, cfg) -> Splits:

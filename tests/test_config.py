@@ -322,7 +322,7 @@ def test_help_lists_every_field_with_its_comment_and_default(capsys):
 def test_help_shows_the_chosen_presets_values_and_the_choices(capsys):
     digits = help_text(capsys, ["--preset", "digits", "--help"])
     image_size = digits.split("--image-size INT, --image_size INT")[1][:120]
-    assert "side of the square model input, in pixels (default: 16)" in image_size
+    assert "side of the square model input, in pixels (1 to 4096) (default: 16)" in image_size
     cifar = help_text(capsys, ["--preset", "cifar10", "--help"])
     assert "(default: 32)" in cifar.split("--image-size INT, --image_size INT")[1][:120]
     assert "defaults: the cifar10 preset's values" in cifar

@@ -626,7 +626,7 @@ def test_csv_with_one_image_per_class_is_a_clear_error(tmp_path):
     with pytest.raises(P.DataError) as err:
         P.load_splits(cfg_for(manifest))
     message = str(err.value)
-    assert message.startswith("the val split has no images; give classes 4+ images")
+    assert message.startswith(f"{manifest}: the val split has no images; give classes 4+ images")
     assert "--val-fraction" in message and "split column" in message
 
 
