@@ -3,6 +3,12 @@ to run (source/export.py applies them to every export).
 
     from onnx_graph import fold_head_reshapes
     fold_head_reshapes(model_proto.graph)   # -> how many Attention nodes were rewritten
+
+What the fold expects of the model: attention.py splits q, k and v into heads with
+`unflatten(-1, (heads, head_dim)).transpose(1, 2)` after one `chunk` of the fused qkv
+projection (timm's strides). The exporter writes that as a plain Split-Reshape-Transpose, the
+pattern below; timm's 5-D reshape-permute-unbind would leave six Slice/Squeeze ops a block
+instead, which this fold does not match. tests/test_export.py checks the exported graph.
 """
 
 from __future__ import annotations

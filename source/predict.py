@@ -162,7 +162,7 @@ class Predictor:
         self.num_parameters = count_parameters(self.model)
         self.runner = None
         if backend == "onnx":
-            from export import OnnxRunner
+            from onnx_io import OnnxRunner
 
             onnx_path = onnx_path or os.environ.get("PREDICT_ONNX_PATH")
             self.runner = OnnxRunner(onnx_path or self.model_path.with_suffix(".onnx"))
