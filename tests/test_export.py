@@ -144,16 +144,17 @@ def test_int8_weights_cannot_saturate_cpus_without_vnni(exported):
     int8 weight, of the MatMuls and of the static conv stem, is within 7 bits (|w| <= 64).
     With 8-bit weights (up to 127) the quick-start digits model lost 4.5 points on AVX2."""
     graph = onnx.load(exported.with_name("smoke.int8.onnx")).graph
-    weights = {
+    int8 = {
         t.name: onnx.numpy_helper.to_array(t)
         for t in graph.initializer
-        if t.data_type == onnx.TensorProto.INT8 and t.dims  # scalars are zero points
+        if t.data_type == onnx.TensorProto.INT8
     }
-    used = {name for node in graph.node for name in node.input}
     matmul = {node.input[1] for node in graph.node if node.op_type == "MatMulInteger"}
-    assert len(matmul) == 4 + 5 + 1 and matmul <= set(weights)
-    conv_weights = [name for name in weights if name in used and name not in matmul]
-    assert len(conv_weights) == 2  # the two convolutions of the smoke model's CCT stem
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    assert len(matmul) == 4 + 5 + 1 and matmul <= set(int8)
+    # the two convolutions of the smoke model's CCT stem (QDQ: int8 weight -> DequantizeLinear)
+    assert len(dequantized & set(int8)) == 2
+    weights = {name: int8[name] for name in matmul | (dequantized & set(int8))}
     for name, w in weights.items():
         assert int(np.abs(w.astype(np.int32)).max()) <= 64, name
         assert 2 * 255 * int(np.abs(w.astype(np.int32)).max()) <= 32767
