@@ -333,6 +333,7 @@ def matmul_floor(cfg, workdir: Path, threads: int, counts: dict) -> dict:
 
     import export
     import onnx_io
+    import quantize
 
     tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     dim, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -360,7 +361,13 @@ def matmul_floor(cfg, workdir: Path, threads: int, counts: dict) -> dict:
     fp32, int8 = workdir / "matmuls.onnx", workdir / "matmuls.int8.onnx"
     onnx.save(model, fp32)
     with onnx_io.quiet_logging():
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(
+            fp32,
+            int8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            reduce_range=quantize.REDUCE_RANGE,  # the 7-bit weights export.py writes
+        )
     feeds = {
         "x": rng.standard_normal((1, tokens, dim), dtype=np.float32),
         "h": rng.standard_normal((1, tokens, hidden), dtype=np.float32),
