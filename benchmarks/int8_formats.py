@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "source"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import export  # noqa: E402
+import onnx_io  # noqa: E402
 import quantize  # noqa: E402
 import speed  # noqa: E402
 
@@ -39,7 +40,7 @@ def static_int8(fp32: Path, out: Path, images: list[np.ndarray], fmt: str, ops: 
     """quantize_static: weights QInt8, activations QUInt8 calibrated (min-max) on `images`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    with export.quiet_logging():
+    with onnx_io.quiet_logging():
         quantize_static(
             fp32,
             out,
@@ -57,7 +58,7 @@ def nbits(fp32: Path, out: Path, bits: int, block: int, int8_compute: bool) -> P
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    with export.quiet_logging():
+    with onnx_io.quiet_logging():
         quantizer = MatMulNBitsQuantizer(
             onnx.load(fp32),
             bits=bits,
@@ -114,13 +115,13 @@ def bench_shape(shape: str, work: Path, rounds: int, calls: int, quick: bool) ->
         "preprocessing": {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std},
     }
     work.mkdir(parents=True, exist_ok=True)
-    props = export.metadata_for(meta, "benchmark")
+    props = onnx_io.metadata_for(meta, "benchmark")
     fp32 = export.export_model(model, cfg.image_size, work / "fp32.onnx", props)
     rng = np.random.default_rng(0)
     size = (3, cfg.image_size, cfg.image_size)
     calibration = [rng.standard_normal(size, dtype=np.float32) for _ in range(CALIBRATION_IMAGES)]
     files = variants_for(fp32, props, work, calibration, quick)
-    runners = {name: export.OnnxRunner(path, threads=1) for name, path in files.items()}
+    runners = {name: onnx_io.OnnxRunner(path, threads=1) for name, path in files.items()}
     image = rng.standard_normal((1, *size), dtype=np.float32)
     reference = runners["fp32"].logits(image)
     cpu: dict = {}

@@ -230,9 +230,9 @@ def build_variants(
     """name -> (runner, file size in bytes, note). `calibration`: image batches for the
     int8 model's statically quantized conv tokenizer, as export.py uses."""
     import torch
-    from torch import nn
 
     import export
+    import onnx_io
     import quantize
 
     variants = {"PyTorch eager fp32": (TorchVariant(model), state_dict_bytes(model), "")}
@@ -241,12 +241,10 @@ def build_variants(
     else:
         compiled = torch.compile(model, dynamic=False)
         variants["torch.compile"] = (TorchVariant(compiled), state_dict_bytes(model), "")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices, one per layer
-        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    qmodel = torch_dynamic_int8(model)
     variants["PyTorch dynamic int8"] = (TorchVariant(qmodel), state_dict_bytes(qmodel), "")
 
-    props = export.metadata_for(ckpt, "benchmark")
+    props = onnx_io.metadata_for(ckpt, "benchmark")
     fp32 = export.export_model(model, cfg.image_size, workdir / "model.onnx", props)
     int8 = quantize.quantize_int8(fp32, workdir / "model.int8.onnx", props, calibration)
     fused_path, fused = export.optimize_transformers(
@@ -257,8 +255,33 @@ def build_variants(
         ("ONNX Runtime fp32, transformers optimizer", fused_path, f"fused: {fused}"),
         ("ONNX Runtime int8", int8, ""),
     ):
-        variants[name] = (export.OnnxRunner(path, threads=threads), path.stat().st_size, note)
+        variants[name] = (onnx_io.OnnxRunner(path, threads=threads), path.stat().st_size, note)
     return variants
+
+
+def torch_dynamic_int8(model):
+    """A copy of the model with torch.ao's dynamic int8 Linear layers. A quantized Linear's
+    weight is a method, not a tensor, so Attention.project_few_queries (slices of the qkv
+    weight, for the last block's class-token rows) cannot run on it: its attention layers
+    project every token instead and keep the first n queries, the same rows."""
+    import types
+
+    import torch
+    from torch import nn
+
+    from attention import Attention
+
+    def project_all_queries(attn, x, n):
+        q, k, v = attn.qkv(x).chunk(3, dim=-1)  # each (B, N, C)
+        return q[:, :n], k, v
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices, one per layer
+        qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    for module in qmodel.modules():
+        if isinstance(module, Attention):
+            module.project_few_queries = types.MethodType(project_all_queries, module)
+    return qmodel
 
 
 # ---- inference ------------------------------------------------------------------------------
@@ -309,6 +332,8 @@ def matmul_floor(cfg, workdir: Path, threads: int, counts: dict) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import export
+    import onnx_io
+    import quantize
 
     tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     dim, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -335,13 +360,19 @@ def matmul_floor(cfg, workdir: Path, threads: int, counts: dict) -> dict:
     model.ir_version = 10  # what the exporter writes with opset 23
     fp32, int8 = workdir / "matmuls.onnx", workdir / "matmuls.int8.onnx"
     onnx.save(model, fp32)
-    with export.quiet_logging():
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    with onnx_io.quiet_logging():
+        quantize_dynamic(
+            fp32,
+            int8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            reduce_range=quantize.REDUCE_RANGE,  # the 7-bit weights export.py writes
+        )
     feeds = {
         "x": rng.standard_normal((1, tokens, dim), dtype=np.float32),
         "h": rng.standard_normal((1, tokens, hidden), dtype=np.float32),
     }
-    options = export.OnnxRunner.session_options(threads)
+    options = onnx_io.OnnxRunner.session_options(threads)
     sessions = {
         name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for name, path in (("fp32", fp32), ("int8", int8))
@@ -783,7 +814,7 @@ def main(argv=None) -> int:
     import torch
 
     from checkpoint import CheckpointError, config_from_checkpoint, load_model
-    from export import OnnxError
+    from onnx_io import OnnxError
     from preprocessing import DataError
     from runtime import default_threads
     from transformer import build_model

@@ -47,9 +47,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.project_few_queries(x, num_queries)
         M = q.shape[1]  # output tokens: N, or num_queries
-        # Per-head views: the strides of timm's reshape-permute-unbind. In ONNX a plain
-        # Split-Reshape-Transpose, which onnx_graph.fold_head_reshapes folds into the Attention
-        # node (a 5-D permute would leave six Slice/Squeeze ops instead).
+        # Per-head views with the strides of timm's reshape-permute-unbind.
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         attn = None
         if self.fused_attn and not return_attention:
@@ -71,9 +69,6 @@ class Attention(nn.Module):
         """q for the first n tokens, k and v for all, (B, n or N, C): slices of the one qkv
         weight, so the state dict is unchanged and the rows computed equal the full ones."""
         C = x.shape[-1]
-        if not isinstance(self.qkv.weight, torch.Tensor):  # a quantized Linear: no slices
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-            return q[:, :n], k, v
         w_q, w_kv = self.qkv.weight.split([C, 2 * C])
         b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([C, 2 * C])
         k, v = F.linear(x, w_kv, b_kv).chunk(2, dim=-1)

@@ -19,15 +19,15 @@ The resume state (optimizer, step, RNG, history) goes to `<model>.resume.pth` be
 from __future__ import annotations
 
 import datetime as dt
-import os
 import pickle
 import platform
 import subprocess
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from fileio import atomic_write
 
 FORMAT = "vit-pipeline"
 FORMAT_VERSION = 1
@@ -41,23 +41,7 @@ class CheckpointError(RuntimeError):
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over the target, so
     a crash or kill mid-write never leaves a half-written file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the usual mode, so that e.g. a
-        # container's non-root user can read a model copied in by root.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def git_commit() -> str:

@@ -49,11 +49,11 @@ def student_outputs(model: nn.Module, x: torch.Tensor):
 
     Through `model(x, return_heads=True)` where the ViT's forward takes it, so wrappers
     (DistributedDataParallel's gradient sync, torch.compile's graph) stay in the path;
-    otherwise through forward_features and forward_heads of the bare model.
+    otherwise through forward_features and forward_head(return_heads=True) of the bare model.
     """
     chain = _wrappers(model)
     core = chain[-1]
-    if not hasattr(core, "forward_heads"):
+    if not hasattr(core, "forward_head"):
         return model(x), None
     if "return_heads" in inspect.signature(core.forward).parameters:
         return model(x, return_heads=True)
@@ -62,7 +62,7 @@ def student_outputs(model: nn.Module, x: torch.Tensor):
             "distillation under torchrun needs VisionTransformer.forward(return_heads=True), "
             "so that the student's forward runs through DistributedDataParallel"
         )
-    return core.forward_heads(core.forward_features(x)[0])
+    return core.forward_head(core.forward_features(x)[0], return_heads=True)
 
 
 class DistillationLoss(nn.Module):

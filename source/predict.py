@@ -201,7 +201,7 @@ class TorchBackend:
 def onnx_backend(path: Path, model_path: Path, classes: list[str]):
     """The ONNX Runtime session for `path` (its `logits(batch)` is TorchBackend's), refused
     when it was exported from another model."""
-    from export import OnnxRunner
+    from onnx_io import OnnxRunner
 
     runner = OnnxRunner(path)
     if runner.classes != classes:

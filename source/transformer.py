@@ -143,17 +143,21 @@ class VisionTransformer(nn.Module):
         """CCT's sequence pooling: a learned softmax weighting of the tokens (sums to 1)."""
         return self.attn_pool(patches).softmax(dim=1)  # (B, N, 1)
 
-    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class-token logits and, for distilled models, distillation-token logits."""
-        logits = self.head(self.head_drop(self.pool_tokens(x)))
-        if not self.distilled:
-            return logits, None
-        return logits, self.head_dist(self.head_drop(x[:, self.num_prefix_tokens - 1]))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, return_heads: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, D) tokens -> (B, num_classes) logits; pre_logits: the pooled (B, D) feature
+        instead; return_heads: the (class-token, distillation-token or None) logits apart
+        (DeiT training) instead of their average."""
+        feature = self.pool_tokens(x)  # (B, D)
         if pre_logits:
-            return self.pool_tokens(x)
-        logits, dist_logits = self.forward_heads(x)
+            return feature
+        logits = self.head(self.head_drop(feature))
+        dist_logits = None
+        if self.distilled:
+            dist_logits = self.head_dist(self.head_drop(x[:, self.num_prefix_tokens - 1]))
+        if return_heads:
+            return logits, dist_logits
         # DeiT: at inference the two heads' predictions are averaged.
         return logits if dist_logits is None else (logits + dist_logits) / 2
 
@@ -164,7 +168,7 @@ class VisionTransformer(nn.Module):
         # Attention maps keep every row, so the last block is pruned only without them.
         prefix_only = self.pool == "cls" and not return_attention
         features, attentions = self.forward_features(x, return_attention, prefix_only)
-        logits = self.forward_heads(features) if return_heads else self.forward_head(features)
+        logits = self.forward_head(features, return_heads=return_heads)
         return (logits, attentions) if return_attention else logits
 
 

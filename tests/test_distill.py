@@ -103,7 +103,7 @@ class HeadsViT(VisionTransformer):
     def forward(self, x, return_attention=False, return_heads=False):
         self.calls = getattr(self, "calls", 0) + 1
         if return_heads:
-            return self.forward_heads(self.forward_features(x)[0])
+            return self.forward_head(self.forward_features(x)[0], return_heads=True)
         return super().forward(x, return_attention)
 
 
@@ -123,11 +123,12 @@ def test_student_outputs_go_through_wrappers():
     cls_logits, dist_logits = student_outputs(Wrapper(model), X)
     assert model.calls == 1  # through the wrapper's forward, not around it
     with torch.no_grad():
-        expected = model.forward_heads(model.forward_features(X)[0])
+        expected = model.forward_head(model.forward_features(X)[0], return_heads=True)
     torch.testing.assert_close((cls_logits, dist_logits), expected)
     plain = vit(0, distilled=True).eval()  # no return_heads: the unwrapped model's heads
     torch.testing.assert_close(
-        student_outputs(Wrapper(plain), X), plain.forward_heads(plain.forward_features(X)[0])
+        student_outputs(Wrapper(plain), X),
+        plain.forward_head(plain.forward_features(X)[0], return_heads=True),
     )
     cnn = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
     logits, none = student_outputs(cnn, X)

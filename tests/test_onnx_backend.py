@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import export
+import onnx_io
 from conftest import ROOT
 from predict import Predictor
 
@@ -56,5 +57,5 @@ def test_predict_onnx_path_serves_the_int8_file(exported, monkeypatch):
 def test_missing_onnx_file_is_a_clear_error(smoke_model, tmp_path):
     model = tmp_path / "model.pth"
     shutil.copy(smoke_model, model)
-    with pytest.raises(export.OnnxError, match="export one with"):
+    with pytest.raises(onnx_io.OnnxError, match="export one with"):
         Predictor(model, backend="onnx")
