@@ -70,6 +70,7 @@ class Config:
     # ---- optimisation ---------------------------------------------------------------------
     epochs: int = 30  # passes over the training split (an upper bound under --max-minutes)
     max_minutes: float = 0.0  # wall-clock training budget; the lr schedule fits it; 0 = off
+    budget_recipe: bool = True  # with max_minutes: regularisation follows the epochs that fit
     lr: float = 1e-3  # peak learning rate (for batch_size; not rescaled automatically)
     min_lr: float = 1e-5  # learning rate at the end of the cosine decay
     warmup_fraction: float = 0.05  # fraction of training spent in linear warmup

@@ -66,7 +66,11 @@ def _cifar10() -> dict:
 
     python source/train.py --preset cifar10 --data path/to/images --max-minutes 15
     Expect about 66% test accuracy after 15 minutes and 70% after 30 on 2 CPU cores
-    (trained on 10,000 CIFAR-10 images); under 15 minutes add --augment none.
+    (trained on 10,000 CIFAR-10 images, before the budget recipe). With --max-minutes the
+    budget recipe (budget.py) drops TrivialAugment when fewer than 25 epochs fit, so short
+    budgets and slow machines no longer need --augment none. On the full 50,000-image
+    training split (../shared/data/cifar10-train.tar.gz), 30 and 60 minutes: not yet
+    measured (docs/benchmarks/learning.md, issue 27, has the commands).
     """
     return dict(
         data="cifar10",

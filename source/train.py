@@ -32,6 +32,7 @@ import metrics as M
 import preprocessing as P
 import report
 import tracking
+from budget import BudgetRecipe
 from config import ConfigError, build_parser, layer_config
 from distill import TeacherError, load_teacher
 from drift import reference_statistics
@@ -108,13 +109,15 @@ def run(argv=None) -> int:
     if main_process:
         print_config(cfg, args.preset, layered.explicit)
     seed_everything(cfg.seed)
-    splits = P.with_transforms(needs_val_and_test(P.load_splits(cfg)), cfg)
+    budget = BudgetRecipe(cfg, layered.explicit)  # regularisation for the epochs that fit
+    announce(budget.describe_start(), main_process)
+    splits = P.with_transforms(needs_val_and_test(P.load_splits(cfg)), budget.start)
     classes = splits.classes
     model, teacher, pretrained_info = build_models(cfg, classes, device, resuming, main_process)
-    loop = make_loop(cfg, splits, model, teacher, device, rank, world)
+    loop = make_loop(budget.start, splits, model, teacher, device, rank, world)
     test_loader = P.make_loader(splits.test, cfg, train=False)
     val_loader = P.make_loader(splits.val, cfg, train=False)
-    save = resume_saver(resume_file, loop) if main_process else ignore
+    save = resume_saver(resume_file, loop, cfg) if main_process else ignore
 
     # ---- state: fresh or resumed; the run's folder ---------------------------------------------
     state = TrainState(run_name=cfg.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -128,13 +131,12 @@ def run(argv=None) -> int:
     tracker = start_tracker(cfg, run_dir, state.run_name, resuming, main_process)
     tracker.set_tags(run_tags(cfg, args.preset, splits, device, world, count_parameters(model)))
     keep_best = BestSaver(cfg, classes, run_dir, main_process, pretrained=pretrained_info)
-    validate = functools.partial(
-        M.evaluate, loader=val_loader, device=device, autocast=loop.autocast,
-        limit_batches=cfg.limit_eval_batches,
-    )  # fmt: skip
+    validate = functools.partial(M.evaluate, loader=val_loader, device=device,
+        autocast=loop.autocast, limit_batches=cfg.limit_eval_batches)  # fmt: skip
 
     # ---- the epochs ------------------------------------------------------------------------------
     progress = Progress(loop.steps_per_epoch * cfg.epochs, cfg.max_minutes, state.elapsed)
+    announce(budget.begin(state, loop), main_process)
     stop.install()
     while state.epoch < cfg.epochs:
         epoch = train_one_epoch(loop, state, progress, stop, tracker, save)
@@ -150,6 +152,7 @@ def run(argv=None) -> int:
             return 0
         # validation: the live weights and the EMA; the better one is saved if best so far
         result, val, candidate, which = select_candidate(validate, loop, classes)
+        announce(budget.after_epoch(state, loop, tracker), main_process)  # after epoch 1
         state.elapsed = progress.elapsed
         row = epoch_row(state, epoch, result, val)
         state.history.append(row)
@@ -212,11 +215,12 @@ def pick_device(name: str):
         raise DeviceError(str(err)) from None
 
 
-def resume_saver(resume_file, loop: Loop):
-    """save(state): the resume file of this run (train_state.save_resume)."""
+def resume_saver(resume_file, loop: Loop, cfg):
+    """save(state): the resume file of this run (train_state.save_resume), with the config
+    as the user set it (the budget recipe's changes are in the state)."""
     return functools.partial(
         save_resume, resume_file, model=loop.model, ema=loop.ema, optimizer=loop.optimizer,
-        cfg=loop.cfg,
+        cfg=cfg,
     )  # fmt: skip
 
 
@@ -224,8 +228,8 @@ def ignore(*args, **kwargs) -> None:
     """What non-main processes do where the main process writes files."""
 
 
-def announce(line: str | None) -> None:
-    if line:
+def announce(line: str | None, main_process: bool = True) -> None:
+    if line and main_process:
         print(line)
 
 
@@ -385,7 +389,8 @@ class BestSaver:
             return False
         state.best_score, state.bad_epochs = score, 0
         meta = {"epoch": state.epoch + 1, "weights": which}
-        best = best_checkpoint(candidate, self.cfg, self.classes, validation, meta, **self.extra)
+        best = best_checkpoint(candidate, self.cfg, self.classes, validation, meta,
+                               budget_recipe=state.recipe, **self.extra)  # fmt: skip
         if self.main_process:
             save_best(best, self.cfg.model_path, self.run_dir)
         return True

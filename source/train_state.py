@@ -33,6 +33,7 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training (the --max-minutes clock)
     history: list = field(default_factory=list)  # one row of statistics per epoch
     rng: dict | None = None  # every RNG (runtime.rng_state), as of the last save
+    recipe: dict | None = None  # the budget recipe's choice (budget.py), once made
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -242,6 +242,15 @@ def broadcast_flag(flag: bool) -> bool:
     return bool(box[0])
 
 
+def broadcast_value(value):
+    """Rank 0's value (a measurement every rank must act on alike) for every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

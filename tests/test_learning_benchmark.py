@@ -60,3 +60,45 @@ def test_loader_mode_measures_both_rates(tmp_path):
     assert learning.main(args) == 0
     text = (out / "loader.md").read_text()
     assert "images/s from the loader" in text and "training step" in text
+
+
+@pytest.mark.slow
+def test_quick_with_a_threads1_row_and_the_throughput(tmp_path, dev_tar):
+    out = tmp_path / "results"
+    args = ["--quick", "--slow-minutes", "0.05", "--tar", str(dev_tar), "--out", str(out)]
+    assert learning.main(args) == 0
+    data = json.loads((out / "learning.json").read_text())
+    rows = data["budgets"]
+    assert [(r["minutes"], r["threads"]) for r in rows] == [(0.05, "preset"), (0.05, "1")]
+    assert rows[1]["args"][-2:] == ["--threads", "1"]
+    assert (out / "learning-logs" / "budget-0.05-threads1.log").is_file()
+    assert data["images"] == 30
+    speed = data["throughput"]
+    assert speed["matmul_gflops"] > 0 and speed["images_per_s"] > 0
+    achieved = speed["images_per_s"] * speed["train_mflop_per_image"] / 1e3
+    assert speed["train_gflops"] == pytest.approx(achieved, rel=1e-9)
+    assert speed["fraction_of_matmul"] == pytest.approx(
+        speed["train_gflops"] / speed["matmul_gflops"], rel=1e-9
+    )
+    table = (out / "learning.md").read_text()
+    assert "% of the machine's fp32 matmul rate" in table
+    assert table.rstrip().splitlines()[-1].endswith("| 1 |")
+
+
+def test_training_flops_count_each_block_three_times_its_forward_products():
+    """A block's forward is 2*N*D*(3D + D + 2H) for its linear layers plus 4*N*N*D for
+    attention (QK^T and AV); the backward is twice the forward, as FlopCounterMode counts it."""
+    from pathlib import Path
+
+    cfg = learning.preset_config(Path("unused"), [])
+    n, d, h = (
+        (cfg.image_size // cfg.patch_size) ** 2 + 1,
+        cfg.embed_dim,
+        int(cfg.embed_dim * cfg.mlp_ratio),
+    )
+    block = 2 * n * d * (3 * d + d + 2 * h) + 4 * n * n * d
+    deeper = learning.preset_config(Path("unused"), ["--depth", str(cfg.depth + 1)])
+    difference = learning.train_flops_per_image(deeper, 10) - learning.train_flops_per_image(
+        cfg, 10
+    )
+    assert difference == pytest.approx(3 * block, rel=1e-9)

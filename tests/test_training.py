@@ -747,3 +747,147 @@ def test_a_model_from_before_run_folders_is_copied_with_its_classes_and_results(
     assert (folder / "model.pth").read_bytes() == Path(cfg.model_path).read_bytes()
     assert (folder / "classes.txt").read_text() == "a\nb\nc\nd\n"
     assert (folder / "results" / "metrics.json").is_file()
+
+
+# ---- the budget-aware recipe (budget.py) ------------------------------------------------------
+
+
+def test_budget_levels_follow_the_documented_thresholds():
+    import budget as B
+
+    assert [B.level_for(e) for e in (1, 24.9, 25, 99.9, 100, 500)] == [
+        "light", "light", "medium", "medium", "heavy", "heavy"
+    ]  # fmt: skip
+    heavy = dict(augment="trivialaugment", random_erasing=0.25, mixup_alpha=0.8,
+                 cutmix_alpha=1.0, label_smoothing=0.2)  # fmt: skip
+    assert B.settings_for("light", heavy) == dict(
+        augment="none", random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1
+    )
+    assert B.settings_for("medium", heavy) == dict(mixup_alpha=0.0, cutmix_alpha=0.0)
+    assert B.settings_for("heavy", heavy) == {}
+    # never more regularisation than configured; explicit keys keep the user's value
+    plain = dict(heavy, augment="none", mixup_alpha=0.0, label_smoothing=0.0)
+    assert B.settings_for("light", plain) == dict(random_erasing=0.0, cutmix_alpha=0.0)
+    assert B.settings_for("light", heavy, explicit={"augment", "label_smoothing"}) == dict(
+        random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0
+    )
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.params, self.tags = {}, {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+def fake_clock(monkeypatch, seconds_per_call: float) -> None:
+    """budget.py reads its clock when training starts and when the first epoch ends: each
+    read is `seconds_per_call` later, so the first epoch 'took' that long."""
+    import itertools
+
+    import budget as B
+
+    ticks = itertools.count()
+    monkeypatch.setattr(B, "clock", lambda: seconds_per_call * next(ticks))
+
+
+HEAVY = dict(augment="trivialaugment", mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(
+    "seconds, level, augment, mixing",
+    [(20.0, "light", "none", False), (1.0, "medium", "trivialaugment", False),
+     (0.1, "heavy", "trivialaugment", True)],
+)  # fmt: skip
+def test_budget_recipe_chooses_by_the_epochs_that_fit(monkeypatch, seconds, level, augment, mixing):
+    import budget as B
+    from train_state import TrainState
+
+    fake_clock(monkeypatch, seconds)  # a 1-minute budget: 3, 60 or 600 epochs fit
+    loop = make_test_loop(**HEAVY, max_minutes=1.0, epochs=200)
+    recipe = B.BudgetRecipe(loop.cfg, explicit=set())
+    assert (recipe.start.augment, recipe.start.mixup_alpha) == ("none", 0.0)  # epoch 1: light
+    state, tracker = TrainState("r"), RecordingTracker()
+    assert recipe.begin(state, loop) is None
+    state.epoch = 1
+    line = recipe.after_epoch(state, loop, tracker)
+    assert state.recipe["level"] == level and f"-> {level}" in line
+    assert state.recipe["epochs_fit"] == pytest.approx(min(200, 60 / seconds))
+    assert (loop.cfg.augment, loop.mixer is not None) == (augment, mixing)
+    steps = [type(t).__name__ for t in loop.loader.dataset.transform.transforms]
+    assert ("TrivialAugmentWide" in steps) == (augment == "trivialaugment")
+    assert tracker.params["budget_recipe_level"] == tracker.tags["budget_recipe"] == level
+    assert recipe.after_epoch(state, loop, tracker) is None  # decided once
+
+
+def test_budget_recipe_is_off_without_a_budget_or_when_turned_off(monkeypatch):
+    import budget as B
+    from train_state import TrainState
+
+    fake_clock(monkeypatch, 20.0)
+    for off in (dict(max_minutes=0.0), dict(max_minutes=1.0, budget_recipe=False)):
+        loop = make_test_loop(**HEAVY, **off)
+        recipe = B.BudgetRecipe(loop.cfg, explicit=set())
+        assert recipe.start == loop.cfg and recipe.describe_start() is None
+        state = TrainState("r", epoch=1)
+        assert recipe.begin(state, loop) is None
+        assert recipe.after_epoch(state, loop, RecordingTracker()) is None
+        assert state.recipe is None and loop.cfg.augment == "trivialaugment"
+
+
+def test_train_state_keeps_the_budget_choice():
+    from train_state import TrainState
+
+    choice = {"level": "medium", "epochs_fit": 31.5, "seconds_per_epoch": 57.1,
+              "settings": {"mixup_alpha": 0.0}}  # fmt: skip
+    state = TrainState(run_name="r", epoch=1, recipe=choice)
+    assert TrainState.from_dict(state.to_dict()).recipe == choice
+
+
+def heavy_smoke(monkeypatch) -> None:
+    """The smoke preset with regularisation the budget recipe can lighten (a preset's
+    values, not the user's: the recipe may change them)."""
+    smoke = PRESETS["smoke"]
+    monkeypatch.setitem(PRESETS, "smoke", lambda: {**smoke(), **HEAVY, "label_smoothing": 0.2})
+
+
+BUDGET = ("--max-minutes", "1", "--epochs", "200", *FAST)
+
+
+@pytest.mark.slow
+def test_budget_choice_survives_a_real_resume(tmp_path, monkeypatch, capsys, sigterm_guard):
+    signal.signal(signal.SIGTERM, lambda *_: None)  # never kill pytest if train.py forgot
+    heavy_smoke(monkeypatch)
+    fake_clock(monkeypatch, 0.1)  # epoch 1 'takes' 0.1 s: 600 epochs fit, capped at 200
+    kill_at_step(monkeypatch, 5)  # in epoch 2, after the choice
+    model = train_smoke(tmp_path, *BUDGET)
+    out = capsys.readouterr().out
+    assert "first epoch trains light (augment none, mixup_alpha 0.0, label_smoothing 0.1)" in out
+    assert "budget recipe: 200.0 epochs fit (0.1 s an epoch) -> heavy: nothing to change" in out
+    choice = read_ckpt(C.resume_path(model))["recipe"]
+    assert choice["level"] == "heavy" and choice["settings"] == {}
+    assert read_ckpt(model)["budget_recipe"] == choice  # the best model records it too
+
+    fake_clock(monkeypatch, 30.0)  # the resumed run would measure 2 epochs: light
+    kill_at_step(monkeypatch, 1)
+    train_smoke(tmp_path, *BUDGET, "--resume", "true")
+    out = capsys.readouterr().out
+    assert "budget recipe (resumed): 200.0 epochs fit (0.1 s an epoch) -> heavy" in out
+    assert read_ckpt(C.resume_path(model))["recipe"] == choice
+
+
+@pytest.mark.slow
+def test_budget_light_choice_keeps_explicit_settings(tmp_path, monkeypatch, capsys, sigterm_guard):
+    heavy_smoke(monkeypatch)
+    fake_clock(monkeypatch, 30.0)  # 2 epochs fit a 1-minute budget
+    model = train_smoke(tmp_path, *BUDGET[:2], "--epochs", "2", *FAST, "--augment",
+                        "trivialaugment")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "-> light: mixup_alpha 0.0, label_smoothing 0.1; kept as set: augment" in out
+    choice = read_ckpt(C.resume_path(model))["recipe"]
+    assert choice["settings"] == {"mixup_alpha": 0.0, "label_smoothing": 0.1}
+    assert read_ckpt(model)["config"]["augment"] == "trivialaugment"  # as the user set it
