@@ -14,11 +14,19 @@ reads it and no pickled code ever runs:
     provenance               created time, git commit, versions, pretrained weights used
 
 The resume state (optimizer, step, RNG, history) goes to `<model>.resume.pth` beside it.
+
+Reading refuses, with one CheckpointError line, anything but such a file: an archive whose
+entries unpack to more than its size (a deflate bomb: torch.save never compresses), pickled
+code, and, in load_checkpoint, a field of the wrong type or range, a config outside
+config.shape_problems' bounds or describing a model much larger than the weights, NaN or
+infinite weights, all before any model is built; load_model then names every tensor whose
+shape does not fit the model the config describes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import pickle
 import platform
 import subprocess
@@ -127,6 +135,7 @@ def _load(path: Path, what: str) -> dict:
             f"{path} is not a readable PyTorch checkpoint (not a torch.save archive: "
             "truncated, or another file type?); retrain or copy it again"
         )
+    check_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -155,15 +164,16 @@ def load_checkpoint(path: str | Path) -> dict:
             "state_dict or a timm/Hugging Face file?); pretrained weights load through "
             "`train.py --pretrained`"
         )
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format version {ckpt['format_version']}, newer than this code "
-            f"({FORMAT_VERSION}); update the code"
+            f"{path} has format version {version}, newer than this code ({FORMAT_VERSION}); "
+            "update the code"
         )
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete, retrain")
-    return ckpt
+    return validate_checkpoint(ckpt, path)
 
 
 def config_from_checkpoint(ckpt: dict):
@@ -221,3 +231,128 @@ def load_resume(path: str | Path) -> dict:
 def load_tensors(path: str | Path, what: str = "weights") -> dict:
     """Any torch.save'd dict of tensors (e.g. pretrained weights), safely (weights_only)."""
     return _load(Path(path), what)
+
+
+# ---- validation: every field checked before any model is built ------------------------------
+
+MAX_INFLATION = 1.05  # declared unpacked bytes / file size a torch.save archive may have
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip whose entries declare far more bytes than the file holds (a deflate bomb:
+    torch.save stores tensors uncompressed, so its archives never inflate)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+    size = path.stat().st_size
+    if declared > MAX_INFLATION * size + 65_536:
+        raise CheckpointError(
+            f"{path} unpacks to {declared:,} bytes from {size:,} on disk (compressed entries: "
+            "torch.save never writes them); refused before loading, retrain or copy it again"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_problem(ckpt: dict) -> str | None:
+    """What is wrong with the checkpoint's plain fields (types and ranges), or None."""
+    version, classes, prep = ckpt.get("format_version"), ckpt["classes"], ckpt["preprocessing"]
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        return f"format_version {version!r} is not one this code reads (1 to {FORMAT_VERSION})"
+    if not isinstance(ckpt["config"], dict):
+        return f"config is a {type(ckpt['config']).__name__}, not a dict"
+    if not isinstance(ckpt["state_dict"], dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()
+    ):
+        return "state_dict is not a dict of named tensors"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "classes is not a list of names"
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        return f"classes holds {len(classes)} names, {len(set(classes))} distinct (2+, unique)"
+    if not isinstance(prep, dict) or not {"image_size", "mean", "std"} <= set(prep):
+        return "preprocessing is not a dict of image_size, mean and std"
+    if type(prep["image_size"]) is not int or prep["image_size"] != ckpt["config"].get(
+        "image_size", prep["image_size"]
+    ):
+        return f"preprocessing image_size {prep['image_size']!r} is not the config's"
+    for key in ("mean", "std"):
+        values = prep[key]
+        if not isinstance(values, (list, tuple)) or len(values) != 3:
+            return f"preprocessing {key} is not 3 numbers"
+        if not all(_is_number(v) for v in values) or (key == "std" and min(values) <= 0):
+            return f"preprocessing {key} {list(values)} is not 3 finite numbers" + (
+                " above 0" if key == "std" else ""
+            )
+    threshold = ckpt.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+        return f"threshold {threshold!r} is neither None nor a number in [0, 1]"
+    return None
+
+
+def tensor_problem(ckpt: dict, cfg, size: int) -> str | None:
+    """The tensors' total bytes against the file's size, the model the config describes
+    against the weights there are (so no model much larger than the file is ever built),
+    finite values. Exact shapes are compared as the weights are loaded into that model
+    (load_state_dict_checked)."""
+    from config import estimated_parameters
+
+    state = ckpt["state_dict"]
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total > MAX_INFLATION * size + 65_536:
+        return f"its tensors hold {total:,} bytes, more than the file's {size:,}"
+    numel = sum(t.numel() for t in state.values())
+    if cfg.arch == "vit" and estimated_parameters(cfg) > 2 * numel + 1_000_000:
+        return (
+            f"its config describes a model of about {estimated_parameters(cfg):,} weights, the "
+            f"file holds {numel:,}"
+        )
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        return f"tensor(s) {', '.join(bad[:6])} hold NaN or infinite values (training diverged?)"
+    return None
+
+
+MODEL_CHOICES = ("tokenizer", "pos_embed", "pool")  # the config's choices the model is built from
+
+
+def config_problem(ckpt: dict):
+    """(Config, None), or (None, what is wrong with the checkpoint's config): the types, the
+    shape bounds train.py's --config is held to (config.shape_problems), the model's choices.
+    Training-only fields (lr, epochs...) are not the model's and are not judged."""
+    from config import CHOICES, shape_problems
+
+    try:
+        cfg = config_from_checkpoint(ckpt)
+    except (ValueError, TypeError, OverflowError) as err:  # ConfigError is a ValueError
+        return None, f"its config is invalid ({' '.join(str(err).split())[:300]})"
+    problems = shape_problems(cfg) + [
+        f"{name} {getattr(cfg, name)!r} is not one of {', '.join(CHOICES[name])}"
+        for name in MODEL_CHOICES
+        if getattr(cfg, name) not in CHOICES[name]
+    ]
+    if cfg.arch != "vit":
+        import torchvision
+
+        if cfg.arch not in torchvision.models.list_models():
+            problems.append(f"arch {cfg.arch!r} is neither vit nor a torchvision model")
+    if problems:
+        return None, f"its config is invalid ({'; '.join(problems)[:300]})"
+    return cfg, None
+
+
+def validate_checkpoint(ckpt: dict, path: Path) -> dict:
+    """Every field of a loaded checkpoint checked before any model is built: types, ranges,
+    the config's bounds, the model's size against the weights, finite weights, no more bytes
+    than the file holds; CheckpointError (one line naming the file) otherwise."""
+    problem = field_problem(ckpt)
+    if problem is None:
+        cfg, problem = config_problem(ckpt)
+        problem = problem or tensor_problem(ckpt, cfg, path.stat().st_size)
+    if problem:
+        problem = " ".join(problem.split())
+        raise CheckpointError(f"{path}: {problem}; retrain, or copy the file again")
+    return ckpt

@@ -25,6 +25,7 @@ format".
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -133,8 +134,11 @@ def describe(err: BaseException, source=None) -> str:
         return "not an image file (or an unsupported format)"
     if isinstance(err, NotImplementedError):
         return f"unsupported format (a variant Pillow cannot decode: {_one_line(err)})"
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "a symbolic link loop"
     if isinstance(err, FileNotFoundError):
-        return "no such file"
+        dangling = isinstance(source, (str, os.PathLike)) and os.path.islink(source)
+        return "no such file (a dangling symbolic link?)" if dangling else "no such file"
     if isinstance(err, IsADirectoryError):
         return "a folder, not an image file"
     if isinstance(err, MemoryError):

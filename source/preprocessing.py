@@ -13,21 +13,18 @@ fixed by the seed, so no image is ever in two splits.
 
 from __future__ import annotations
 
-import errno
 import functools
-import io
 import logging
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from imagesafe import ImageError, open_image
 from manifest import SPLIT_NAMES, ManifestError, read_manifest
 from runtime import default_threads
 
@@ -42,7 +39,6 @@ TORCHVISION_DATASETS = {
     "fashionmnist": "FashionMNIST",
 }
 CACHE_LIMIT_BYTES = 2 * 1024**3  # decoded uint8 images cached in memory up to this size
-DEFAULT_MAX_PIXELS = 40_000_000  # an image declaring more is refused ($MAX_IMAGE_PIXELS)
 # Formats Pillow does not read: listed as skipped (named), never silently left out.
 UNSUPPORTED = {".svg": "SVG", ".pdf": "PDF", ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF"}
 
@@ -51,83 +47,15 @@ class DataError(ValueError):
     """A user-fixable data problem; the message names it and the fix."""
 
 
-class ImageError(ValueError):
-    """One image that cannot be used; the message names the file and the reason."""
-
-
-# ---- decoding ------------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: EXIF rotation applied, transparency composited on white,
-    16-bit and float images rescaled rather than clipped, first frame of animations."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def pixel_limit() -> int:
-    """The most pixels an image may declare: $MAX_IMAGE_PIXELS, else 40 million."""
-    value = os.environ.get("MAX_IMAGE_PIXELS", "").strip()
-    return int(float(value)) if value else DEFAULT_MAX_PIXELS
+# ---- decoding: imagesafe's, the one decoder (budget, failures as one line) ----------------
 
 
 def decode_image(source, scale: int = 1) -> Image.Image:
-    """A path, bytes or PIL image -> an RGB PIL image, or ImageError naming the problem in one
-    line. The size the header declares is checked against pixel_limit() before any pixel is
-    decoded; scale > 1 decodes JPEGs at 1/scale (libjpeg's draft mode: a quick check)."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
-    name = "upload" if isinstance(source, (bytes, bytearray)) else str(source)
-    try:
-        if not (len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)):
-            raise ImageError(f"{name}: the file is empty (0 bytes)")
-        data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(data)
-        with img:
-            if scale > 1:
-                img.draft("RGB", (img.width // scale or 1, img.height // scale or 1))
-            if img.width * img.height > pixel_limit():
-                raise ImageError(
-                    f"{name}: refused, too many pixels ({img.width} x {img.height} over the limit "
-                    f"of {pixel_limit():,}; set MAX_IMAGE_PIXELS to raise it)"
-                )
-            img.seek(0)
-            img.load()
-            return to_rgb(img)
-    except ImageError:
-        raise
-    except Exception as err:  # noqa: BLE001 - every decoder failure is this file's error
-        raise ImageError(f"{name}: {describe(err, name)}") from None
-
-
-def describe(err: Exception, name: str) -> str:
-    """A decoder's exception -> its reason in one line, unsupported formats named as such."""
-    kind, text = UNSUPPORTED.get(Path(name).suffix.lower()), " ".join(str(err).split())[:300]
-    if isinstance(err, (UnidentifiedImageError, NotImplementedError)) and kind:
-        return f"unsupported format ({kind}); convert it to PNG or JPEG"
-    if isinstance(err, NotImplementedError):
-        return f"unsupported format (a variant Pillow cannot decode: {text})"
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image file (or an unsupported format)"
-    if isinstance(err, (Image.DecompressionBombError, MemoryError)):
-        return f"refused, too many pixels ({text or 'out of memory'})"
-    if isinstance(err, OSError) and err.errno == errno.ELOOP:
-        return "a symbolic link loop"
-    if isinstance(err, FileNotFoundError):
-        return "no such file (a dangling symbolic link?)"
-    return f"unreadable image ({text or type(err).__name__})"
+    """A path, bytes or PIL image -> an RGB PIL image at full resolution, or ImageError naming
+    the problem in one line (imagesafe.open_image: the pixel budget, $MAX_IMAGE_PIXELS, is
+    checked on the header before any pixel is decoded). scale > 1 is a quick readability check
+    (the folder scan's): JPEGs decode at libjpeg's smallest scale and nothing large is kept."""
+    return open_image(source, size=1 if scale > 1 else None)
 
 
 # ---- datasets ------------------------------------------------------------------------------

@@ -369,6 +369,7 @@ def bad_checkpoints(checkpoint: dict) -> dict[str, dict]:
         "tokenizer_unknown": lambda c: c["config"].update(tokenizer="hexagon"),
         "pool_unknown": lambda c: c["config"].update(pool="max"),
         "arch_unknown": lambda c: c["config"].update(arch="no_such_net"),
+        "arch_not_a_model": lambda c: c["config"].update(arch="list_models"),  # a function
         "depth_str": lambda c: c["config"].update(depth="six"),
         "depth_float": lambda c: c["config"].update(depth=2.5),
         "depth_zero": lambda c: c["config"].update(depth=0),

@@ -294,3 +294,39 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, error):
 def test_resume_path_is_beside_the_model():
     assert C.resume_path("metadata/models/model.pth") == Path("metadata/models/model.resume.pth")
     assert C.resume_path("/x/best.pt").name == "best.resume.pth"
+
+
+def test_next_save_removes_stale_temporaries_of_a_killed_write(tmp_path):
+    """A SIGKILL mid-write leaves `.model.pth.<random>.tmp`: the next save of model.pth
+    removes it once it is over a minute old; a fresh one (another writer, still busy) and
+    other files stay."""
+    import os
+    import time
+
+    stale, fresh = tmp_path / ".model.pth.k1ll3d_0.tmp", tmp_path / ".model.pth.bu5y_w0r.tmp"
+    other = [tmp_path / ".onnx.onnx.0ld0ld00.tmp", tmp_path / "notes.tmp", tmp_path / ".x.tmp"]
+    for path in (stale, fresh, *other):
+        path.write_bytes(b"half a checkpoint")
+    long_ago = time.time() - 3600
+    for path in (stale, *other):
+        os.utime(path, (long_ago, long_ago))
+    C.atomic_save({"a": torch.arange(3)}, tmp_path / "model.pth")
+    assert not stale.exists() and fresh.exists() and all(p.exists() for p in other)
+    assert torch.equal(torch.load(tmp_path / "model.pth", weights_only=True)["a"], torch.arange(3))
+
+
+def test_clean_stale_temporaries_takes_every_target_in_the_folder(tmp_path):
+    import os
+    import time
+
+    from fileio import clean_stale_temporaries
+
+    old = [tmp_path / ".model.pth.aaaaaaaa.tmp", tmp_path / ".model.onnx.b_c1d2e3.tmp"]
+    keep = [tmp_path / ".model.pth.ffffffff.tmp", tmp_path / "model.pth", tmp_path / ".y.tmp"]
+    for path in (*old, *keep):
+        path.write_bytes(b"x")
+    for path in (*old, keep[1], keep[2]):
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    assert sorted(clean_stale_temporaries(tmp_path)) == sorted(old)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in old)
+    assert clean_stale_temporaries(tmp_path / "missing") == []

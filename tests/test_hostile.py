@@ -1,13 +1,12 @@
-"""Hostile inputs (issue 26): the generators of tests/hostile.py produce what they claim, and,
-in the PENDING block, what the project must do with them.
+"""Hostile inputs (issue 26): the generators of tests/hostile.py produce what they claim, then
+what the project does with them on the serving and model side.
 
-The serving side of issue 26 is tested here: imagesafe.open_image and Predictor.predict on
-every huge and broken image, memory included (one child process runs every case and reports
-its peak RSS after each, from resource.getrusage: Pillow allocates its pixels with malloc,
-which tracemalloc does not see). The PENDING block is skipped until the rest of issue 26 is
-fixed at source: it asserts the behaviour the issue asks for against today's public functions
-(preprocessing.decode_image, checkpoint.load_model, preprocessing.load_csv_splits,
-config.validate, preprocessing.make_loader). Set PENDING = False to see what fails today.
+imagesafe.open_image and Predictor.predict on every huge and broken image, memory included (one
+child process runs every case and reports its peak RSS after each, from resource.getrusage:
+Pillow allocates its pixels with malloc, which tracemalloc does not see); checkpoint.load_model
+on every malformed checkpoint (one CheckpointError line each, before any model is built) and on
+a deflate bomb. The data side (configs, CSV manifests, folder scans, preprocessing.decode_image)
+is tests/test_hostile_data.py's.
 """
 
 from __future__ import annotations
@@ -226,10 +225,7 @@ def test_bad_configs_pass_the_type_check():
             assert getattr(cfg, key) == value, name
 
 
-# ---- PENDING: what issue 26 asks for (skipped until it is fixed at source) ------------------
-
-PENDING = True
-pending = pytest.mark.skipif(PENDING, reason="issue 26: pending fix at source")
+# ---- what the project does with them -----------------------------------------------------
 
 
 def run_child(code: str, limit_bytes: int | None = None, timeout: float = 120) -> dict:
@@ -395,30 +391,19 @@ def test_open_image_budget_is_configurable(huge, monkeypatch):
     assert imagesafe.pixel_limit(2000) == 64 * 2000**2  # a huge model input raises the default
 
 
-@pending
-@pytest.mark.parametrize("name", sorted(set(BROKEN_NAMES) - {"avif_corrupt"}) + ["avif_corrupt"])
-def test_decode_image_turns_every_decoder_error_into_image_error(broken, name):
-    """The lead's: preprocessing.decode_image through imagesafe.open_image."""
-    import preprocessing as P
-
-    if name not in broken:
-        pytest.skip(f"{name}: codec not in this Pillow")
-    with pytest.raises(P.ImageError) as info:
-        P.decode_image(broken[name][0])
-    assert "\n" not in str(info.value)
-
-
 LOAD_CHILD = """
 from checkpoint import CheckpointError, load_model
-before = peak_mb()
-try:
-    model, ckpt = load_model({path!r})
-    out = {{"result": "loaded"}}
-except CheckpointError as err:
-    out = {{"result": "CheckpointError", "message": str(err)}}
-except BaseException as err:
-    out = {{"result": type(err).__name__, "message": str(err)[:200]}}
-out["peak_mb"] = peak_mb() - before
+before, out = peak_mb(), {{}}
+for name, path in {cases!r}.items():
+    try:
+        model, ckpt = load_model(path)
+        case = {{"result": "loaded"}}
+    except CheckpointError as err:
+        case = {{"result": "CheckpointError", "message": str(err)}}
+    except BaseException as err:
+        case = {{"result": type(err).__name__, "message": str(err)[:200]}}
+    case["peak_mb"] = peak_mb() - before  # this case's and every earlier one's
+    out[name] = case
 print(json.dumps(out))
 """
 
@@ -436,17 +421,38 @@ def _bad_checkpoint_names() -> list[str]:
     return list(hostile.bad_checkpoints(stub))
 
 
-@pending
-@pytest.mark.parametrize("name", _bad_checkpoint_names())
-def test_load_model_refuses_bad_checkpoint(checkpoint, tmp_path, name):
-    ckpt = hostile.bad_checkpoints(checkpoint)[name]
-    path = tmp_path / f"{name}.pth"
-    torch.save(ckpt, path)
-    if name in hostile.HUGE_CHECKPOINTS:
-        out = run_child(LOAD_CHILD.format(path=str(path)), limit_bytes=CHILD_MEMORY_LIMIT)
-    else:
-        from checkpoint import CheckpointError, load_model
+@pytest.fixture(scope="module")
+def bad_checkpoints(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad_checkpoints")
+    paths = {}
+    for name, ckpt in hostile.bad_checkpoints(checkpoint).items():
+        paths[name] = folder / f"{name}.pth"
+        torch.save(ckpt, paths[name])
+    return paths
 
+
+@pytest.fixture(scope="module")
+def loaded_in_child(bad_checkpoints, checkpoint, tmp_path_factory) -> dict:
+    """{name: {result, message, peak_mb}} for the checkpoints that would allocate tens of GB
+    if the checks failed (the huge ones and a deflate bomb of 512 MiB): ONE child process
+    under an address-space limit loads them in turn and reports its peak RSS after each."""
+    bomb = tmp_path_factory.mktemp("bomb") / "bomb.pth"
+    hostile.deflate_bomb_checkpoint(checkpoint, bomb, mebibytes=512)
+    cases = {name: str(bad_checkpoints[name]) for name in hostile.HUGE_CHECKPOINTS}
+    out = run_child(LOAD_CHILD.format(cases={**cases, "deflate_bomb": str(bomb)}),
+                    limit_bytes=CHILD_MEMORY_LIMIT)  # fmt: skip
+    assert "crash" not in out, out
+    return out
+
+
+@pytest.mark.parametrize("name", _bad_checkpoint_names())
+def test_load_model_refuses_bad_checkpoint(bad_checkpoints, loaded_in_child, name):
+    from checkpoint import CheckpointError, load_model
+
+    path = bad_checkpoints[name]
+    if name in hostile.HUGE_CHECKPOINTS:
+        out = loaded_in_child[name]
+    else:
         try:
             load_model(path)
             out = {"result": "loaded"}
@@ -456,65 +462,13 @@ def test_load_model_refuses_bad_checkpoint(checkpoint, tmp_path, name):
             out = {"result": type(err).__name__, "message": str(err)[:200]}
     print(name, out)
     assert out["result"] == "CheckpointError", out
-    assert "\n" not in out["message"]
+    assert "\n" not in out["message"] and str(path) in out["message"], out
     assert out.get("peak_mb", 0) < MAX_GROWTH_MB, out
 
 
-@pending
-def test_load_model_refuses_deflate_bomb(checkpoint, tmp_path):
-    path = hostile.deflate_bomb_checkpoint(checkpoint, tmp_path / "bomb.pth", mebibytes=1024)
-    out = run_child(LOAD_CHILD.format(path=str(path)), limit_bytes=CHILD_MEMORY_LIMIT)
+def test_load_model_refuses_deflate_bomb(loaded_in_child):
+    out = loaded_in_child["deflate_bomb"]
     print(out)
     assert out["result"] == "CheckpointError", out
+    assert "refused before loading" in out["message"], out
     assert out["peak_mb"] < MAX_GROWTH_MB, out
-
-
-@pending
-@pytest.mark.parametrize(
-    "name",
-    [
-        "row_without_label",
-        "latin1_bytes",
-        "utf8_bom_header",
-        "empty_label",
-        "duplicate_conflicting",
-        "one_image_per_class",
-        "one_class",
-    ],
-)
-def test_csv_manifest_problem_is_one_data_error(tmp_path, name):
-    import preprocessing as P
-    from config import PRESETS, Config
-
-    path, problem = hostile.bad_manifests(tmp_path)[name]
-    cfg = Config.from_dict({**PRESETS["smoke"](), "data": str(path)})
-    if name == "utf8_bom_header":  # a BOM is how Excel writes UTF-8: accept it
-        splits = P.load_csv_splits(path, cfg)
-        assert splits.classes == ["cat", "dog"]
-        return
-    with pytest.raises(P.DataError) as info:
-        P.load_csv_splits(path, cfg)
-    message = str(info.value)
-    assert str(path) in message and "\n" not in message, (problem, message)
-
-
-@pending
-@pytest.mark.parametrize("name", sorted(hostile.bad_configs()))
-def test_bad_config_refused_before_training(name, tmp_path):
-    import config as C
-    import preprocessing as P
-
-    overrides = hostile.bad_configs()[name]
-    cfg = C.Config.from_dict({**C.PRESETS["smoke"](), **overrides})
-    if name == "num_workers_1000":  # capped at the usable cores, not refused
-        splits = P.load_splits(C.validate(cfg))
-        loader = P.make_loader(splits.train, cfg, train=False)
-        assert loader.num_workers <= len(os.sched_getaffinity(0))
-        return
-    try:
-        C.validate(cfg)
-        P.load_splits(cfg)  # a split left empty is a data problem: refused before training
-    except (C.ConfigError, P.DataError) as err:
-        assert "\n" not in str(err)
-        return
-    pytest.fail(f"{name} {overrides} was accepted")

@@ -257,7 +257,9 @@ def test_pixel_budget_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "50000")
     with pytest.raises(P.ImageError) as info:
         P.decode_image(path)
-    assert "300 x 200 over the limit of 50,000; set MAX_IMAGE_PIXELS" in one_line(info.value)
+    assert "300 x 200 = 60,000 over the limit of 50,000; set MAX_IMAGE_PIXELS" in one_line(
+        info.value
+    )
     monkeypatch.setenv("MAX_IMAGE_PIXELS", "60000")
     assert P.decode_image(path).size == (300, 200)
 
