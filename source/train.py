@@ -36,6 +36,7 @@ from budget import BudgetRecipe
 from config import ConfigError, build_parser, layer_config
 from distill import TeacherError, load_teacher
 from drift import reference_statistics
+from fileio import clean_stale_temporaries
 from finetune import param_groups_layer_decay
 from pretrained import PretrainedError, infer_config_overrides, load_pretrained
 from runtime import (
@@ -108,6 +109,7 @@ def run(argv=None) -> int:
     resuming = broadcast_flag(wants_resume(cfg.resume, resume_file))
     if main_process:
         print_config(cfg, args.preset, layered.explicit)
+        clean_stale_temporaries(Path(cfg.model_path).parent)  # left by a killed write
     seed_everything(cfg.seed)
     budget = BudgetRecipe(cfg, layered.explicit)  # regularisation for the epochs that fit
     announce(budget.describe_start(), main_process)
