@@ -6,6 +6,8 @@
 #                                                           # another model, mounted over it
 #   docker build --target api -t vit-api . && docker run --rm -p 8000:8000 vit-api
 #   docker build --target train -t vit-train .              # CUDA PyTorch, for GPU nodes
+#   docker build --target api-onnx -t vit-api-onnx .        # the API on ONNX Runtime, no torch
+#                                                           # (model.pth exported while building)
 #
 # The app and API images hold CPU-only PyTorch and requirements-serve.txt (no training,
 # tracking or test tools). The model is read from MODEL_PATH (default: the one copied in from
@@ -62,6 +64,45 @@ CMD ["python", "source/train.py", "--help"]
 FROM runtime AS api
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+CMD ["python", "source/serve.py", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- the REST API without torch: docker build --target api-onnx ---------------------------
+# The checkpoint is exported to ONNX at build time, in a throw-away stage that has CPU torch
+# (deps) and onnxscript, and verified there against PyTorch on the model's test split (the
+# embedded digits offline; other data must be reachable from the build, see export.py
+# --data). The api-onnx image itself gets only requirements-onnx.txt and model.onnx: no
+# torch, no Streamlit (about 200 MB of packages; docs/deployment.md).
+FROM deps AS onnx-export
+COPY requirements.txt .
+RUN grep -E '^onnxscript[<>=!~ ]' requirements.txt > export.txt \
+    && pip install --no-cache-dir -r export.txt
+COPY source/ source/
+COPY metadata/models/model.pth metadata/models/model.pth
+RUN python source/export.py --model-path metadata/models/model.pth --out /build/model.onnx
+
+FROM base AS onnx-deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /build
+COPY requirements-onnx.txt .
+RUN pip install --no-cache-dir -r requirements-onnx.txt
+
+FROM base AS api-onnx
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PREDICT_BACKEND=onnx \
+    MODEL_PATH=/app/metadata/models/model.onnx
+RUN useradd --no-log-init --create-home --uid 10001 --user-group app
+COPY --from=onnx-deps /opt/venv /opt/venv
+WORKDIR /app
+COPY source/ source/
+COPY --from=onnx-export /build/model.onnx metadata/models/model.onnx
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 CMD ["python", "source/serve.py", "--host", "0.0.0.0", "--port", "8000"]
 

@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/load.py                                  # metadata/models/model.pth
     .venv/bin/python benchmarks/load.py --concurrency 32 --requests 5000 --model-path m.pth
     .venv/bin/python benchmarks/load.py --quick                          # small counts (tests)
+    .venv/bin/python benchmarks/load.py --sweep --requests 2000          # docs/benchmarks/serving-sweep.md
+
+--sweep runs the server in five configurations (torch and onnx, each batched and with
+--max-batch 1, and the no-model ceiling) at 1, 4, 16 and 64 concurrent clients, and writes
+a table and a plot (throughput, p50/p99 against concurrency) with each configuration's RSS
+growth; the ONNX file is exported beside the checkpoint first when it is missing.
 
 Starts `source/serve.py` in a subprocess on 127.0.0.1 and a free port, warms it up with the
 same number of concurrent clients, then sends --requests one-image POST /predict requests
@@ -49,9 +55,10 @@ def sample_images() -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
 
 
-def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, extra=()):
+def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, extra=(), env=None):
     """`source/serve.py` on a free loopback port -> (process, base URL), once /health is 200;
-    `extra`: more serve.py options. The caller stops it with stop_server (in a finally)."""
+    `extra`: more serve.py options, `env`: more environment variables (PREDICT_BACKEND,
+    SERVE_NO_MODEL). The caller stops it with stop_server (in a finally)."""
     import httpx
 
     port = free_port()
@@ -59,6 +66,7 @@ def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, e
         [sys.executable, str(ROOT / "source" / "serve.py"), "--host", "127.0.0.1",
          "--port", str(port), "--model-path", str(model_path), "--device", "cpu",
          "--threads", str(threads), "--log-level", "warning", *extra],
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -235,6 +243,136 @@ def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], wa
     return "\n".join(lines)
 
 
+# ---- --sweep: concurrency x backend x batching, and the no-model ceiling --------------------
+
+LEVELS = (1, 4, 16, 64)
+# (label, serve.py environment, serve.py options): the backends with batching (serve.py's
+# defaults) and without (--max-batch 1), and the ceiling: the forward pass replaced by a
+# constant answer (SERVE_NO_MODEL=1), so what is left is HTTP, multipart, decoding and JSON.
+SWEEP = (
+    ("torch, batched", {"PREDICT_BACKEND": "torch"}, ()),
+    ("torch, unbatched", {"PREDICT_BACKEND": "torch"}, ("--max-batch", "1")),
+    ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, ()),
+    ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1")),
+    ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, ()),
+)
+
+
+def ensure_onnx(model_path: Path) -> None:
+    """model.onnx beside the checkpoint, exported (and verified) by export.py when missing."""
+    if not model_path.with_suffix(".onnx").is_file():
+        command = [sys.executable, str(ROOT / "source" / "export.py"), "--model-path",
+                   str(model_path)]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def sweep_one(args, images, label: str, env: dict, extra) -> list[dict]:
+    """One server configuration at every concurrency level: a row per level, and the
+    server's RSS growth from after the first warm-up to the end."""
+    server, url = start_server(args.model_path, threads=args.threads, extra=extra, env=env)
+    rows = []
+    try:
+        import httpx
+
+        classes = httpx.get(f"{url}/metadata", timeout=30).json()["classes"]
+        for i, level in enumerate(LEVELS):
+            if args.warmup:
+                run_load(url, images, requests=args.warmup, concurrency=level)
+            if i == 0:
+                rss_warm, served = server_rss_mb(server), 0
+            result = run_load(url, images, requests=args.requests, concurrency=level,
+                              topk=args.topk, classes=classes)  # fmt: skip
+            served += args.requests + (args.warmup if i else 0)
+            q = result.percentiles()
+            rows.append({"config": label, "concurrency": level, "requests": args.requests,
+                         "errors": len(result.errors), "first_error": result.errors[:1],
+                         "throughput": result.throughput, "p50": q["p50"], "p99": q["p99"]})  # fmt: skip
+        growth = server_rss_mb(server) - rss_warm
+    finally:
+        stop_server(server)
+    for row in rows:
+        row["rss_growth_mb"], row["rss_requests"] = growth, served
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> list[str]:
+    lines = ["| configuration | clients | requests/s | p50 ms | p99 ms | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['concurrency']} | {r['throughput']:.0f} | "
+                     f"{r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")  # fmt: skip
+    return lines
+
+
+def sweep_plot(rows: list[dict], path: Path) -> None:
+    """Throughput, and p50 (solid) / p99 (dashed) latency, against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, *_ in SWEEP:
+        mine = [r for r in rows if r["config"] == label]
+        if not mine:
+            continue
+        x = [r["concurrency"] for r in mine]
+        left.plot(x, [r["throughput"] for r in mine], marker="o", label=label)
+        (line,) = right.plot(x, [r["p50"] for r in mine], marker="o", label=f"{label} p50")
+        right.plot(x, [r["p99"] for r in mine], ls="--", color=line.get_color())
+    for ax, ylabel in ((left, "requests / s"), (right, "latency ms (p50 solid, p99 dashed)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(LEVELS, [str(c) for c in LEVELS])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(args, argv) -> int:
+    """--sweep: every SWEEP configuration at every LEVELS concurrency; the markdown table
+    to --out and the plot beside it (.png); exit 1 on any error."""
+    images = sample_images()
+    model_path = Path(args.model_path)
+    ensure_onnx(model_path)
+    rows = [
+        row for label, env, extra in SWEEP for row in sweep_one(args, images, label, env, extra)
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = out.with_suffix(".png")
+    sweep_plot(rows, plot)
+    command = " ".join(
+        ["python", "benchmarks/load.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    growth = {r["config"]: (r["rss_growth_mb"], r["rss_requests"]) for r in rows}
+    lines = [
+        "# Serving sweep: concurrency, backend, batching", "", f"`{command}`", "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores shared "
+        f"by the server and the clients (load average at the end {load}). Model "
+        f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row after "
+        f"{args.warmup} warm-up requests at the same concurrency; `serve.py --threads "
+        f"{args.threads}`; batched = serve.py's defaults, unbatched = `--max-batch 1`; the "
+        "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1).", "",
+        *sweep_table(rows), "",
+        "Server RSS growth (after the first warm-up to the end of the configuration):", "",
+        *[f"- {c}: {g:+.1f} MiB over {n} requests" for c, (g, n) in growth.items()], "",
+        f"![throughput and latency against concurrency]({plot.name})", "",
+    ]  # fmt: skip
+    errors = [e for r in rows for e in r["first_error"]]
+    if errors:
+        lines += ["First errors:", "", *[f"- {e}" for e in errors[:10]], ""]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"written to {out} and {plot}")
+    return 1 if errors or any(r["errors"] for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
@@ -250,14 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="small counts: 100 requests after 32 warm-up"
     )
-    parser.add_argument("--out", default="metadata/results/load.md", help="report file")
+    parser.add_argument(
+        "--sweep", action="store_true",
+        help="concurrency 1, 4, 16, 64 x (torch, onnx) x (batched, --max-batch 1), and the "
+        "no-model ceiling; --requests per row; writes --out (default "
+        "docs/benchmarks/serving-sweep.md) and the plot beside it (.png)",
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="report file (default: metadata/results/"
+                        "load.md; with --sweep docs/benchmarks/serving-sweep.md)")  # fmt: skip
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.requests, args.warmup = 100, 32
+        args.requests, args.warmup = (64, 8) if args.sweep else (100, 32)  # 64: every level
+    if args.out is None:
+        args.out = "docs/benchmarks/serving-sweep.md" if args.sweep else "metadata/results/load.md"
     if min(args.concurrency, args.requests, args.topk) < 1 or args.warmup < 0:
         print(
             "error: --concurrency, --requests and --topk must be at least 1 and --warmup at "
@@ -268,6 +415,8 @@ def main(argv=None) -> int:
     if not Path(args.model_path).is_file():
         print(f"error: no model file at {args.model_path}; run `make all` first", file=sys.stderr)
         return 2
+    if args.sweep:
+        return run_sweep(args, argv)
     import httpx
 
     images = sample_images()

@@ -9,7 +9,8 @@ which streamlit finds from the repository root and, through source/.streamlit (a
 from source/ or any other working directory.
 
 Everything about the model (classes, preprocessing, threshold, metrics) is read from the
-checkpoint; predictions come from predict.Predictor and attention overlays from
+checkpoint (or from the export: MODEL_PATH=model.onnx, or PREDICT_BACKEND=onnx, loads no
+torch until an attention overlay is asked for, which needs the checkpoint beside it); predictions come from predict.Predictor and attention overlays from
 attention_viz through it, so the app holds no model logic. The model is loaded once per
 process (st.cache_resource) and again only when the checkpoint file changes. Streamlit's
 own /_stcore/health is the health endpoint.
@@ -28,8 +29,6 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-import attention_viz
-from checkpoint import CheckpointError
 from cli import DEFAULT_MODEL_PATH
 from imagesafe import ImageError, open_image
 from predict import Prediction, Predictor
@@ -89,7 +88,8 @@ def model_panel(predictor: Predictor) -> None:
     a, b = st.columns(2)
     a.metric("classes", info["num_classes"])
     b.metric("image size", f"{info['image_size']} px")
-    a.metric("parameters", f"{info['num_parameters'] / 1e6:.2f} M")
+    if info["num_parameters"] is not None:  # an ONNX file exported before it was stored
+        a.metric("parameters", f"{info['num_parameters'] / 1e6:.2f} M")
     if predictor.threshold is not None:
         b.metric("stored threshold", f"{predictor.threshold:.3f}")
     names = ", ".join(info["classes"])
@@ -138,7 +138,10 @@ def probability_chart(prediction: Prediction) -> alt.Chart:
 
 
 def draw_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float) -> Image.Image:
-    """attention_viz.overlay, with the opacity when its version takes one."""
+    """attention_viz.overlay, with the opacity when its version takes one (imported here:
+    attention_viz needs torch, which the app with PREDICT_BACKEND=onnx never loads else)."""
+    import attention_viz
+
     if "alpha" in inspect.signature(attention_viz.overlay).parameters:
         return attention_viz.overlay(image, heatmap, alpha=alpha)
     return attention_viz.overlay(image, heatmap)
@@ -321,7 +324,7 @@ def main() -> None:
         return
     try:
         predictor = load_predictor(str(model_path.resolve()), model_path.stat().st_mtime)
-    except (CheckpointError, RuntimeError) as err:
+    except (RuntimeError, ValueError) as err:  # CheckpointError, OnnxError: RuntimeErrors
         st.error(f"Cannot load the model: {err}")
         return
 

@@ -3,6 +3,7 @@
     python source/export.py                              # metadata/models/model.onnx
     python source/export.py --quantize int8              # and metadata/models/model.int8.onnx
     python source/export.py --model-path m.pth --out m.onnx --data path/to/images
+    python source/export.py --format torchscript         # metadata/models/model.pt
 
 The ONNX file is self-contained (weights inside, no external data file), takes a batch of any
 size, (B, 3, S, S) float32 normalised images named `images`, and returns `logits`. The class
@@ -26,6 +27,13 @@ int8 (`source/quantize.py`) is dynamic quantization of every MatMul weight, 7-bi
 without VNNI do not saturate, activations quantized per batch at run time; a CCT conv
 tokenizer is quantized statically (uint8 activations whose ranges come from 256 training
 images), so it runs in int8 too. Other modules run the files with `onnx_io.OnnxRunner`.
+
+`--format torchscript` traces the model (torch.jit.trace) into a .pt file that
+`torch.jit.load` reads without source/; the checkpoint's class names, preprocessing, threshold,
+config, metrics and provenance travel in its extra file vit_pipeline.json. It is verified the
+same way (--atol, --min-agreement) and served by `Predictor` (backend torchscript, or a .pt
+MODEL_PATH): the choice where the serving side has torch anyway (a C++ or TorchServe runtime,
+a GPU with torch's kernels); ONNX is the choice for serving without torch.
 """
 
 from __future__ import annotations
@@ -246,15 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-path", default=default_model_path(), help="checkpoint ($MODEL_PATH when set)"
     )
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument(
+        "--format", default="onnx", choices=["onnx", "torchscript"],
+        help="onnx (ONNX Runtime, no torch to serve it), or torchscript (torch.jit.trace: "
+        "a .pt file that torch.jit.load reads without source/)",
+    )  # fmt: skip
     parser.add_argument(
         "--quantize", default="none", choices=["none", "int8"], help="also write an int8 model"
     )
     parser.add_argument(
         "--out",
         default=None,
-        help="fp32 ONNX file (default: the checkpoint's path with .onnx); int8 goes beside it "
-        "as <name>.int8.onnx",
+        help="fp32 ONNX file (default: the checkpoint's path with .onnx, or .pt with --format "
+        "torchscript); int8 goes beside it as <name>.int8.onnx",
     )
     parser.add_argument(
         "--graph-optimizer",
@@ -333,7 +345,11 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.model_path).with_suffix(".onnx")
+    if args.format == "torchscript" and args.quantize != "none":
+        print("error: --quantize int8 is for --format onnx", file=sys.stderr)
+        return 2
+    suffix = ".pt" if args.format == "torchscript" else ".onnx"
+    out = Path(args.out) if args.out else Path(args.model_path).with_suffix(suffix)
     int8_out = out.with_name(out.stem + ".int8.onnx") if args.quantize == "int8" else None
     try:
         loader, data, calibration = verification_data(ckpt, args)
@@ -342,6 +358,8 @@ def main(argv=None) -> int:
         return 2
 
     set_torch_threads(args.threads or default_threads())
+    if args.format == "torchscript":
+        return export_torchscript(model, ckpt, args, out, loader, data)
     try:
         runners = write_files(model, ckpt, args, out, int8_out, calibration)
     except OnnxError as err:
@@ -383,6 +401,44 @@ def main(argv=None) -> int:
     if args.run_id:
         log_to_run(args, [*files.values(), report_path], report)
     return 1 if rejected else 0
+
+
+def export_torchscript(model, ckpt: dict, args, out: Path, loader, data: str) -> int:
+    """Trace the model into `out` (class names and preprocessing in its extra file), read it
+    back as predict.py does, and verify it against the PyTorch model like an ONNX file: 0,
+    or 1 with the file deleted when it disagrees beyond --atol / --min-agreement."""
+    import torch
+
+    from fileio import atomic_write
+    from torch_serving import TORCHSCRIPT_METADATA, TorchScriptBackend, torchscript_metadata
+
+    size = int(ckpt["preprocessing"]["image_size"])
+    example = torch.zeros(2, 3, size, size)  # batch 2: the batch dimension is traced, not fixed
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example, check_trace=False)
+    extra = {TORCHSCRIPT_METADATA: torchscript_metadata(ckpt)}
+    atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files=extra))
+    report = compare(model, {"torchscript": TorchScriptBackend(out, "cpu")}, loader)
+    print(f"verification on the test split of {data} ({report['pytorch']['images']} images):")
+    print(format_report(report, {"torchscript": out.stat().st_size}))
+    result = report["torchscript"]
+    if result["max_abs_diff"] > args.atol or result["top1_agreement"] < args.min_agreement:
+        out.unlink(missing_ok=True)
+        print(
+            f"error: the TorchScript file does not match the PyTorch model (largest |logit "
+            f"diff| {result['max_abs_diff']:.3g}, top-1 agreement "
+            f"{result['top1_agreement']:.2%}), so {out} was deleted",
+            file=sys.stderr,
+        )
+        return 1
+    summary = {"model_path": str(args.model_path), "torchscript": str(out),
+               "classes": ckpt["classes"], "preprocessing": ckpt["preprocessing"],
+               "verification": {"data": data, **report}}  # fmt: skip
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    if args.run_id:
+        log_to_run(args, [out, out.with_name(out.name + ".json")], report)
+    return 0
 
 
 def log_to_run(args, files: list[Path], report: dict) -> None:

@@ -13,10 +13,13 @@ opened, `onnx` when one is written, torch only by `metadata_for`, which export c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,13 @@ class OnnxRunner:
         self.preprocessing: dict = json.loads(meta["preprocessing"])
         self.threshold: float | None = json.loads(meta.get("threshold", "null"))
         self.quantization: str | None = meta.get("quantization")
+        # What a checkpoint would say about the model, for /metadata and the app's panel
+        # (files exported before metrics and provenance were stored have empty ones).
+        self.info = {key: json.loads(meta.get(key, "{}")) for key in ("config", "metrics")}
+        self.num_parameters: int | None = json.loads(meta.get("num_parameters", "null"))
+        self.info["provenance"] = json.loads(meta.get("provenance", "{}")) or {
+            "git_commit": meta.get("git_commit", "")
+        }
         self.input_name = self.session.get_inputs()[0].name
 
     @staticmethod
@@ -99,6 +109,35 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _SkeletonUnpickler(pickle.Unpickler):
+    """A torch.save archive's data.pkl read without torch: tensors come back as None, and
+    only what this project's checkpoints hold resolves (like torch.load's weights_only, no
+    other global is ever looked up, so nothing in the file can run code)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" or module.startswith("torch."):  # tensor rebuilders, dtypes
+            return lambda *args, **kwargs: None
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+
+    def persistent_load(self, pid):  # a tensor's storage: its bytes are never read
+        return None
+
+
+def checkpoint_classes(path: str | Path) -> list[str] | None:
+    """The class names of checkpoint `path` (model.pth) read without torch, for the check
+    that an ONNX file was exported from it; None when it cannot be read that way."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            with archive.open(name) as f:
+                ckpt = _SkeletonUnpickler(f).load()
+        return [str(c) for c in ckpt["classes"]]
+    except Exception:  # noqa: BLE001 - unreadable here: the torch loader says why, if used
+        return None
+
+
 # ---- writing ---------------------------------------------------------------------------------
 
 
@@ -115,6 +154,9 @@ def metadata_for(ckpt: dict, source: str | Path, **extra) -> dict[str, str]:
         "preprocessing": json.dumps(ckpt["preprocessing"]),
         "threshold": json.dumps(ckpt.get("threshold")),
         "config": json.dumps(ckpt["config"]),
+        "metrics": json.dumps(ckpt.get("metrics") or {}),
+        "provenance": json.dumps(ckpt.get("provenance") or {}),
+        "num_parameters": str(sum(t.numel() for t in ckpt.get("state_dict", {}).values())),
         "input": f"{INPUT_NAME}: (batch, 3, size, size) float32, normalised with the mean/std",
         "output": f"{OUTPUT_NAME}: (batch, num_classes) float32",
         "source_checkpoint": str(source),

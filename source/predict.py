@@ -32,22 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from scipy.special import softmax
-from torchvision.transforms import v2
 
-import preprocessing as P
-from checkpoint import CheckpointError, load_model
+from backends import BACKENDS, load_engine, resolve_backend
 from cli import DEFAULT_MODEL_PATH, HelpFormatter, default_model_path, quiet_broken_pipe
 from imagesafe import ImageError, open_image, pixel_limit
-from metrics import binary_predictions
+from imagetransform import NumpyTransform
 from predict_formats import to_csv, to_table
-from runtime import select_device
-from transformer import count_parameters
 
-BACKENDS = ("torch", "onnx")
 FORMATS = ("table", "csv", "json")
+# preprocessing.IMAGE_EXTENSIONS (a test keeps them equal): that module imports torch.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -85,7 +80,7 @@ def _folder_images(path: Path) -> list[Path]:
         f
         for f in path.rglob("*")
         if f.is_file()
-        and f.suffix.lower() in P.IMAGE_EXTENSIONS
+        and f.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in f.relative_to(path).parts)
     )
 
@@ -122,7 +117,9 @@ def expand_inputs(inputs) -> list[tuple[str, object]]:
 
 def _reason(err: Exception, source: str) -> str:
     """An input's failure, one line, without the name (the source says that)."""
-    if not isinstance(err, (ImageError, P.ImageError)):  # e.g. one the transform cannot take
+    loader = sys.modules.get("preprocessing")  # its ImageError, when the torch path is loaded
+    image_errors = (ImageError, loader.ImageError) if loader else (ImageError,)
+    if not isinstance(err, image_errors):  # e.g. one the transform cannot take
         return f"cannot be classified ({type(err).__name__}: {' '.join(str(err).split())})"
     message = " ".join(str(err).split())
     for prefix in (f"{source}: ", "upload: "):
@@ -130,31 +127,26 @@ def _reason(err: Exception, source: str) -> str:
     return message
 
 
-# ---- preprocessing ---------------------------------------------------------------------------
+# ---- preprocessing and the decision -----------------------------------------------------------
 
 
 class Preprocess:
-    """The checkpoint's evaluation transform, split for batches: resize and crop run per image
-    (sizes differ); the float conversion and the normalisation are elementwise, so they run
-    once per batch: the same numbers, and a third of the per-image time on small images."""
+    """The stored evaluation transform, split for batches: `per_image` resizes and crops
+    (sizes differ), `batch` converts to float and normalises once per batch (the same
+    numbers). By default in numpy (imagetransform.py, no torch); the torch backend passes
+    torchvision's own (torch_serving.TorchTransform)."""
 
-    def __init__(self, prep: dict):
+    def __init__(self, prep: dict, transform=None):
         self.image_size = int(prep["image_size"])
         self.max_pixels = pixel_limit(self.image_size)  # ValueError for a bad $MAX_IMAGE_PIXELS
-        self.transform = P.eval_transform(self.image_size, prep["mean"], prep["std"])
-        steps = list(self.transform.transforms)
-        cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), len(steps))
-        self.per_image, self.per_batch = v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+        self.transform = transform or NumpyTransform(self.image_size, prep["mean"], prep["std"])
+        self.per_image, self.batch = self.transform.per_image, self.transform.batch
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
         """RGB PIL images -> (B, 3, S, S) float32, exactly as eval_transform at evaluation."""
         return self.batch([self.per_image(image) for image in images])
 
-    def batch(self, pixels: list[torch.Tensor]) -> np.ndarray:
-        """per_image's (3, S, S) uint8 tensors -> (B, 3, S, S) float32."""
-        return self.per_batch(torch.stack(pixels)).numpy()
-
-    def load(self, name: str, data) -> tuple[Image.Image, torch.Tensor]:
+    def load(self, name: str, data):
         """One input -> (RGB image at most ~4x the model's input side, (3, S, S) uint8);
         ImageError (one line) if it cannot be decoded within the budget."""
         image = open_image(data, size=self.image_size, max_pixels=self.max_pixels, name=name)
@@ -171,45 +163,19 @@ class Prepared:
     pixels: np.ndarray | None  # (len(index), 3, S, S) float32; None when nothing was readable
 
 
-# ---- backends: float32 NCHW in, logits out ---------------------------------------------------
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(B, C) -> (B, C) probabilities along the classes, float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
-class TorchBackend:
-    """The checkpoint's PyTorch model on a device."""
-
-    def __init__(self, model: torch.nn.Module, device):
-        self.model, self.device = model, device
-
-    @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
-        return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
-
-    def attention(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz's rollout."""
-        from attention_viz import attention_map
-
-        with torch.inference_mode():
-            logits, heatmaps = attention_map(self.model, torch.from_numpy(batch).to(self.device))
-        if isinstance(logits, torch.Tensor):
-            logits = logits.float().cpu().numpy()
-        if isinstance(heatmaps, torch.Tensor):
-            heatmaps = heatmaps.float().cpu().numpy()
-        return np.asarray(logits, dtype=np.float32), np.asarray(heatmaps, dtype=np.float32)
-
-
-def onnx_backend(path: Path, model_path: Path, classes: list[str]):
-    """The ONNX Runtime session for `path` (its `logits(batch)` is TorchBackend's), refused
-    when it was exported from another model."""
-    from onnx_io import OnnxRunner
-
-    runner = OnnxRunner(path)
-    if runner.classes != classes:
-        raise ValueError(
-            f"{runner.path} was exported from another model (its classes differ "
-            f"from {model_path}'s); export this checkpoint again"
-        )
-    return runner
+def binary_predictions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """metrics.binary_predictions (a test keeps them equal; metrics imports torch): class 1
+    when its probability reaches the threshold, argmax when there is none."""
+    if threshold is None or probs.shape[1] != 2:
+        return probs.argmax(axis=1)
+    return (probs[:, 1] >= threshold).astype(int)
 
 
 def fill_predictions(
@@ -231,18 +197,25 @@ def _plain(value):  # tuples, numpy and torch scalars -> JSON types, recursively
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (np.generic, torch.Tensor)):
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # numpy or torch, no import
         return value.item() if value.ndim == 0 else value.tolist()
     return value
 
 
-class Predictor:
-    """A checkpoint loaded once; top-k predictions for images, in batches.
+# ---- the predictor ------------------------------------------------------------------------
 
-    backend: "torch" (the model from the checkpoint) or "onnx" (the ONNX export beside the
-    checkpoint, model.onnx, or the file onnx_path / $PREDICT_ONNX_PATH names, e.g.
-    model.int8.onnx); default $PREDICT_BACKEND, else torch. One setting for the CLI, the app
-    and the API.
+
+class Predictor:
+    """A model loaded once; top-k predictions for images, in batches.
+
+    backend: "torch" (the checkpoint's model), "onnx" (ONNX Runtime: the file model_path
+    names when it ends in .onnx, else onnx_path / $PREDICT_ONNX_PATH, e.g. model.int8.onnx,
+    else model.onnx beside the checkpoint) or "torchscript" (export.py --format torchscript:
+    a .pt path, or model.pt beside the checkpoint). Default: the file's suffix (.onnx, .pt),
+    else $PREDICT_BACKEND, else torch. threads: ONNX Runtime's (default: one per core). One
+    setting for the CLI, the app and the API. The
+    onnx backend imports no torch: the export's metadata holds the class names and the
+    preprocessing, so the checkpoint is not needed (when it is there, its classes must match).
     """
 
     def __init__(
@@ -253,41 +226,59 @@ class Predictor:
         backend: str | None = None,
         batch_size: int = 64,
         onnx_path: str | Path | None = None,
+        threads: int | None = None,
     ):
-        backend = backend or os.environ.get("PREDICT_BACKEND", "torch")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not one of: {', '.join(BACKENDS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model_path = Path(model_path)
-        self.backend = backend
+        self.backend = resolve_backend(backend, self.model_path)
         self.batch_size = batch_size
-        self.device = select_device(device)
-        self.model, self.checkpoint = load_model(self.model_path, self.device)
+        self.engine, self.checkpoint = load_engine(
+            self.backend, self.model_path, device, onnx_path, threads
+        )
+        self.device = getattr(self.engine, "device", "cpu")
         self.classes: list[str] = list(self.checkpoint["classes"])
-        self.preprocessing = Preprocess(self.checkpoint["preprocessing"])
+        prep = self.checkpoint["preprocessing"]
+        transform = None
+        if self.backend == "torch":  # torchvision's own transform: training's very numbers
+            from torch_serving import TorchTransform
+
+            transform = TorchTransform(int(prep["image_size"]), prep["mean"], prep["std"])
+        self.preprocessing = Preprocess(prep, transform)
         self.image_size = self.preprocessing.image_size
         self.threshold: float | None = self.checkpoint.get("threshold")
-        self.num_parameters = count_parameters(self.model)
-        self.torch = TorchBackend(self.model, self.device)  # also draws attention maps
-        self.runner = None  # the ONNX Runtime session with backend="onnx"
-        if backend == "onnx":
-            onnx_path = onnx_path or os.environ.get("PREDICT_ONNX_PATH")
-            path = Path(onnx_path or self.model_path.with_suffix(".onnx"))
-            self.runner = onnx_backend(path, self.model_path, self.classes)
-        self.engine = self.runner or self.torch  # whichever runs `logits`
+        self.num_parameters: int | None = self.engine.num_parameters
+        self.runner = self.engine if self.backend == "onnx" else None  # the ONNX session
+        self._attention = self.engine if self.backend == "torch" else None
 
     @property
     def binary(self) -> bool:
         return len(self.classes) == 2
+
+    @property
+    def model(self):
+        """The PyTorch module (torch and torchscript backends); None with onnx."""
+        return getattr(self.engine, "model", None)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) float32, preprocessed -> (B, num_classes) float32 logits."""
         return self.engine.logits(batch)
 
     def attention(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz (torch backend)."""
-        return self.torch.attention(batch)
+        """(logits, heatmaps (B, H, W) in [0, 1]) through attention_viz: the checkpoint's
+        model, loaded (with torch) on first use when another backend serves."""
+        if self._attention is None:
+            checkpoint = self.model_path.with_suffix(".pth")
+            if not checkpoint.is_file():
+                raise NotImplementedError(
+                    f"attention maps need the checkpoint ({checkpoint}); {self.backend} "
+                    "exports hold no attention weights"
+                )
+            from runtime import select_device
+            from torch_serving import TorchBackend
+
+            self._attention, _ = TorchBackend.from_checkpoint(checkpoint, select_device("auto"))
+        return self._attention.attention(batch)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> (3, S, S) float32, exactly as eval_transform at evaluation."""
@@ -358,7 +349,7 @@ class Predictor:
         heatmaps: np.ndarray | None = None,
     ) -> list[Prediction]:
         """prepared's results completed from the logits (one row per readable input)."""
-        probs = softmax(logits.astype(np.float64), axis=1)  # (B, C)
+        probs = softmax(logits)  # (B, C)
         if threshold is None:
             threshold = self.threshold
         decisions = binary_predictions(probs, threshold if self.binary else None)
@@ -377,12 +368,23 @@ class Predictor:
         blank = self.preprocessing([Image.new("RGB", (self.image_size, self.image_size))])
         logits = self.logits(blank)
         if logits.shape != (1, len(self.classes)) or not np.isfinite(logits).all():
-            raise CheckpointError(
+            raise self._broken(
                 f"{self.model_path}: the model's output on a blank image is "
                 f"{'not finite' if logits.size else 'empty'} (shape {tuple(logits.shape)}, "
                 f"{len(self.classes)} classes): its weights are broken; retrain or pick "
                 "another checkpoint"
             )
+
+    def _broken(self, message: str) -> Exception:
+        """The error of a model that loads and cannot answer: CheckpointError (torch
+        backends), onnx_io.OnnxError (onnx)."""
+        if self.backend == "onnx":
+            from onnx_io import OnnxError
+
+            return OnnxError(message)
+        from checkpoint import CheckpointError
+
+        return CheckpointError(message)
 
     def metadata(self) -> dict:
         """What the app's model panel and the API's /metadata show, JSON-ready."""
@@ -413,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="files or folders")
     parser.add_argument(
-        "--model-path", default=default_model_path(), help="checkpoint (env MODEL_PATH)"
-    )
+        "--model-path", default=default_model_path(),
+        help="checkpoint, or an export: .onnx, .pt (TorchScript) (env MODEL_PATH)",
+    )  # fmt: skip
     parser.add_argument("--topk", type=int, default=5, help="classes to list per image")
     parser.add_argument("--format", default="table", choices=FORMATS, help="output format")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -425,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default=None,
         choices=BACKENDS,
-        help="torch, or onnx (model.onnx beside the checkpoint, or $PREDICT_ONNX_PATH); "
-        "default: $PREDICT_BACKEND or torch",
+        help="torch; onnx (a .onnx model path, $PREDICT_ONNX_PATH, or model.onnx beside the "
+        "checkpoint); torchscript (a .pt path, or model.pt beside it); default: the model "
+        "file's suffix, else $PREDICT_BACKEND, else torch",
     )
     return parser
 
@@ -440,7 +444,7 @@ def main(argv=None) -> int:
         predictor = Predictor(
             args.model_path, device=args.device, batch_size=args.batch_size, backend=args.backend
         )
-    except (CheckpointError, RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError) as err:  # CheckpointError and OnnxError are RuntimeErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     items = expand_inputs(args.inputs)

@@ -22,7 +22,9 @@ connections the answer is 503. Images are decoded one at a time within a pixel b
 ($MAX_IMAGE_PIXELS, see imagesafe.py) into the model's input size.
 The model is loaded once at start-up, and the server refuses to start (exit 2, one line) with
 a checkpoint it cannot serve, e.g. one whose output on a blank image is not finite.
-MODEL_PATH and MAX_UPLOAD_MB are read from the environment when the options are not given. /docs (Swagger UI) and /redoc load their scripts
+MODEL_PATH and MAX_UPLOAD_MB are read from the environment when the options are not given;
+MODEL_PATH may name an export: a .onnx file is served by ONNX Runtime without torch (also
+PREDICT_BACKEND=onnx with a checkpoint path: model.onnx beside it), a .pt file as TorchScript. /docs (Swagger UI) and /redoc load their scripts
 from this server (the fastapi-offline package ships them), never from a CDN, so they work
 offline and on air-gapped clusters.
 """
@@ -45,8 +47,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from backends import resolve_backend
 from batching import Batcher, QueueFull
-from checkpoint import CheckpointError
 from cli import HelpFormatter, default_model_path
 from http_limits import (
     DEFAULT_MAX_UPLOAD_MB,
@@ -111,7 +113,7 @@ class Metadata(Schema):
     image_size: int = Field(description="pixels; inputs are resized and cropped to it")
     mean: list[float]
     std: list[float]
-    num_parameters: int
+    num_parameters: int | None = Field(description="null for an ONNX file exported without it")
     threshold: float | None
     metrics: dict = Field(description="the metrics stored at training, per split")
     provenance: dict = Field(description="when and from which commit the model was trained")
@@ -281,7 +283,7 @@ def create_app(
         try:
             predictor = given or Predictor(model_path, device=device)
             predictor.check()
-        except CheckpointError as err:
+        except Exception as err:  # CheckpointError, OnnxError: logged, and the app does not start
             log.error("cannot serve: %s", err)
             raise
         app.state.predictor = predictor
@@ -357,13 +359,29 @@ def openapi_without_422(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+class ConstantLogits:
+    """The no-model ceiling of benchmarks/load.py (SERVE_NO_MODEL=1, never for serving): the
+    forward pass replaced by a constant answer, so what remains is HTTP, multipart parsing,
+    decoding, preprocessing, batching and JSON."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def logits(self, batch):
+        import numpy as np
+
+        return np.zeros((len(batch), self.num_classes), dtype=np.float32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument(
-        "--model-path", default=default_model_path(), help="checkpoint (env MODEL_PATH)"
-    )
+        "--model-path", default=default_model_path(),
+        help="checkpoint, or an export: .onnx (no torch needed), .pt (TorchScript) (env "
+        "MODEL_PATH; PREDICT_BACKEND=onnx serves model.onnx beside a checkpoint)",
+    )  # fmt: skip
     parser.add_argument(
         "--max-upload-mb",
         type=float,
@@ -392,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = torch's default, one per core); 1 suits small models "
-        "on busy or small machines",
+        help="CPU threads of the forward pass (torch, or ONNX Runtime's intra-op; 0 = one "
+        "per core); 1 suits small models on busy or small machines",
     )
     parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
                         help="seconds a client has to send a request's headers")  # fmt: skip
@@ -423,7 +441,12 @@ def main(argv=None) -> int:
     if args.limit_concurrency < 1 or args.max_header_kb < 1:
         print("error: --limit-concurrency and --max-header-kb must be at least 1", file=sys.stderr)
         return 2
-    if not Path(args.model_path).is_file():
+    try:
+        backend = resolve_backend(None, Path(args.model_path))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if backend == "torch" and not Path(args.model_path).is_file():
         print(
             f"error: no model file at {args.model_path}; train one with `make all` or pass "
             "--model-path",
@@ -432,13 +455,16 @@ def main(argv=None) -> int:
         return 2
     import uvicorn
 
-    from runtime import set_torch_threads
+    if backend != "onnx":  # the onnx backend never imports torch
+        from runtime import set_torch_threads
 
-    set_torch_threads(args.threads)
+        set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # before the server starts: a model it cannot serve is one line and exit 2
-        predictor = Predictor(args.model_path, device=args.device)
+        predictor = Predictor(args.model_path, device=args.device, threads=args.threads or None)
         predictor.check()
+        if os.environ.get("SERVE_NO_MODEL") == "1":  # benchmarks/load.py's ceiling only
+            predictor.engine = ConstantLogits(len(predictor.classes))
     except Exception as err:  # noqa: BLE001 - whatever the checkpoint's fault, one line
         reason = " ".join(str(err).split()) or type(err).__name__
         print(f"error: cannot serve {args.model_path}: {reason}", file=sys.stderr)

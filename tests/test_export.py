@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ import onnx_io
 import quantize
 import tracking
 from checkpoint import load_model
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def test_help_lists_options_with_defaults(capsys):
     for option in ("--model-path", "--format", "--quantize", "--out", "--data", "--atol"):
         assert option in text
     assert "metadata/models/model.pth" in text
+    assert "torchscript" in text
 
 
 @pytest.mark.slow
@@ -332,3 +335,88 @@ def test_check_names_every_failed_tolerance_for_its_file():
     }
     del report["int8"]
     assert export.check(report, atol=1e-3, min_agreement=0.99, max_int8_drop=1.0) == {"onnx": []}
+
+
+# ---- --format torchscript ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scripted(smoke_model, tmp_path_factory):
+    """model.pth and its TorchScript export model.pt in one folder."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("torchscript")
+    model = folder / "model.pth"
+    shutil.copy(smoke_model, model)
+    assert export.main(["--model-path", str(model), "--format", "torchscript"]) == 0
+    assert (folder / "model.pt").is_file() and (folder / "model.pt.json").is_file()
+    return model
+
+
+TORCHSCRIPT_ALONE = r"""
+import json, sys, torch
+assert not any(p.endswith("source") for p in sys.path), sys.path
+files = {"vit_pipeline.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=files)
+meta = json.loads(files["vit_pipeline.json"])
+size = meta["preprocessing"]["image_size"]
+torch.manual_seed(0)
+x = torch.randn(7, 3, size, size)
+with torch.no_grad():
+    logits = model(x)
+print(json.dumps({"meta": meta, "logits": logits.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_torchscript_loads_without_source_and_matches_pytorch(scripted, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", TORCHSCRIPT_ALONE, str(scripted.with_suffix(".pt"))],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    model, ckpt = load_model(scripted)
+    for key in ("classes", "preprocessing", "threshold", "config", "metrics", "provenance"):
+        assert out["meta"][key] == json.loads(json.dumps(ckpt[key])), key  # tuples: lists
+    size = ckpt["preprocessing"]["image_size"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(torch.randn(7, 3, size, size)).numpy()  # batch 7: not the traced 2
+    got = np.asarray(out["logits"], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_predictor_serves_the_torchscript_file(scripted, monkeypatch):
+    from predict import Predictor
+
+    samples = sorted((ROOT / "assets" / "samples").glob("*.png"))
+    reference = Predictor(scripted, backend="torch", device="cpu").predict(samples, topk=3)
+    by_suffix = Predictor(scripted.with_suffix(".pt"), device="cpu")
+    monkeypatch.setenv("PREDICT_BACKEND", "torchscript")
+    beside = Predictor(scripted, device="cpu")  # model.pt beside the checkpoint
+    for predictor in (by_suffix, beside):
+        assert predictor.backend == "torchscript"
+        assert predictor.metadata()["classes"] == predictor.classes
+        got = predictor.predict(samples, topk=3)
+        assert [p.predicted for p in got] == [p.predicted for p in reference]
+        for a, b in zip(got, reference, strict=True):
+            np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+    assert beside.num_parameters == Predictor(scripted, backend="torch").num_parameters
+
+
+def test_torchscript_refuses_int8_and_a_failed_check_deletes(smoke_model, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    argv = ["--model-path", str(smoke_model), "--format", "torchscript", "--out", str(out)]
+    assert export.main([*argv, "--quantize", "int8"]) == 2
+    assert "--quantize int8 is for --format onnx" in capsys.readouterr().err
+    # No agreement can reach 101%: the check fails and the file goes.
+    assert export.main([*argv, "--max-images", "16", "--min-agreement", "1.01"]) == 1
+    assert "TorchScript file does not match" in capsys.readouterr().err
+    assert not out.exists()
