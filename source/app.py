@@ -33,6 +33,7 @@ from cli import DEFAULT_MODEL_PATH
 from imagesafe import ImageError, open_image
 from predict import Prediction, Predictor
 from predict_formats import to_csv
+from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "assets" / "samples"
@@ -311,8 +312,15 @@ def settings(predictor: Predictor) -> tuple[bool, float, float | None]:
 def main() -> None:
     st.set_page_config(page_title="ViT image classifier", page_icon=":mag:", layout="wide")
     st.title("Vision Transformer image classifier")
-    # The default is found from any working directory; MODEL_PATH is taken as given.
-    model_path = Path(os.environ.get("MODEL_PATH") or ROOT / DEFAULT_MODEL_PATH)
+    # The default is found from any working directory; MODEL_URI (an MLflow models:/NAME@alias)
+    # or MODEL_PATH is taken as given.
+    try:
+        model_path = resolve_model_uri(
+            os.environ.get("MODEL_URI") or os.environ.get("MODEL_PATH") or ROOT / DEFAULT_MODEL_PATH
+        )
+    except ValueError as err:  # tracking_mlflow.ModelUriError
+        st.error(f"Cannot fetch the model: {err}")
+        return
     if not model_path.is_file():
         st.error(f"No model at `{model_path}`: there is nothing to classify with yet.")
         st.markdown("Train the default model on the embedded digits (a few minutes on a CPU):")

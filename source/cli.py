@@ -39,8 +39,9 @@ def parse_bool(value: str | bool) -> bool:
 
 
 def default_model_path() -> str:
-    """The checkpoint every script reads unless told otherwise: $MODEL_PATH, else the default."""
-    return os.environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH
+    """The model every script reads unless told otherwise: $MODEL_URI (an MLflow URI such as
+    models:/NAME@candidate, or a path), else $MODEL_PATH, else the default checkpoint."""
+    return os.environ.get("MODEL_URI") or os.environ.get("MODEL_PATH") or DEFAULT_MODEL_PATH
 
 
 def quiet_broken_pipe(main, argv=None) -> int:

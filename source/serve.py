@@ -58,6 +58,7 @@ from http_limits import (
     timed_protocol,
 )
 from predict import Predictor
+from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 
 API_VERSION = "1"
 DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
@@ -442,6 +443,7 @@ def main(argv=None) -> int:
         print("error: --limit-concurrency and --max-header-kb must be at least 1", file=sys.stderr)
         return 2
     try:
+        args.model_path = str(resolve_model_uri(args.model_path))  # MODEL_URI=models:/NAME@alias
         backend = resolve_backend(None, Path(args.model_path))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

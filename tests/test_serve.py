@@ -161,6 +161,29 @@ def test_cli_refuses_a_missing_model(tmp_path, capsys):
     assert "no model file at" in capsys.readouterr().err
 
 
+def test_model_uri_is_resolved_through_the_registry(tmp_path, monkeypatch, capsys):
+    """MODEL_URI=models:/NAME@alias is fetched from MLflow; a registry without that model is
+    one line naming the URI and the fix, exit 2."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    monkeypatch.setenv("MODEL_URI", "models:/no-such-model@candidate")
+    assert serve.main([]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1  # (MLflow itself logs INFO lines as it creates the empty store)
+    assert errors[0].startswith("error: cannot download models:/no-such-model@candidate from")
+    assert errors[0].endswith(
+        "check the model name and alias (or version), and MLFLOW_TRACKING_URI"
+    )
+
+
+def test_model_uri_wins_over_model_path(monkeypatch):
+    import cli
+
+    monkeypatch.setenv("MODEL_PATH", "a.pth")
+    assert cli.default_model_path() == "a.pth"
+    monkeypatch.setenv("MODEL_URI", "models:/vit@candidate")
+    assert cli.default_model_path() == "models:/vit@candidate"
+
+
 @pytest.mark.slow
 def test_serving_benchmark_quick(smoke_model, tmp_path):
     import serving
