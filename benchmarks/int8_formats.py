@@ -102,18 +102,8 @@ def variants_for(
 
 
 def bench_shape(shape: str, work: Path, rounds: int, calls: int, quick: bool) -> dict:
-    import torch
-
-    from transformer import build_model
-
     cfg = speed.preset_config(shape)
-    torch.manual_seed(0)
-    model = build_model(cfg, NUM_CLASSES).eval()
-    meta = {
-        "classes": [str(i) for i in range(NUM_CLASSES)],
-        "config": cfg.to_dict(),
-        "preprocessing": {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std},
-    }
+    model, meta = speed.random_model(cfg)
     work.mkdir(parents=True, exist_ok=True)
     props = onnx_io.metadata_for(meta, "benchmark")
     fp32 = export.export_model(model, cfg.image_size, work / "fp32.onnx", props)

@@ -148,6 +148,23 @@ def cpu_name() -> str:
 # ---- models ---------------------------------------------------------------------------------
 
 
+def random_model(cfg):
+    """A model of cfg's shape with seeded random weights, and the checkpoint-like metadata
+    (class names, config, preprocessing) its ONNX export needs."""
+    import torch
+
+    from transformer import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, NUM_CLASSES).eval()
+    meta = {
+        "classes": [str(i) for i in range(NUM_CLASSES)],
+        "config": cfg.to_dict(),
+        "preprocessing": {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std},
+    }
+    return model, meta
+
+
 def preset_config(name: str):
     from config import PRESETS, Config
 
@@ -817,7 +834,6 @@ def main(argv=None) -> int:
     from onnx_io import OnnxError
     from preprocessing import DataError
     from runtime import default_threads
-    from transformer import build_model
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -868,13 +884,7 @@ def main(argv=None) -> int:
         if ckpt is not None and same_shape(ckpt_cfg, cfg):
             jobs.append((name, ckpt_cfg, ckpt_model, ckpt, test, calibration, trained, True))
             continue
-        torch.manual_seed(0)
-        model = build_model(cfg, NUM_CLASSES).eval()
-        meta = {
-            "classes": [str(i) for i in range(NUM_CLASSES)],
-            "config": cfg.to_dict(),
-            "preprocessing": {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std},
-        }
+        model, meta = random_model(cfg)
         mirrored = cfg.pool in ("cls", "mean") and cfg.pos_embed == "learn" and not cfg.teacher
         random_weights = "random weights: no accuracy"
         calib = random_calibration(cfg)

@@ -153,12 +153,7 @@ def load_data(ckpt: dict, data: str | None):
     if data:
         cfg.data = data
     cfg.batch_size, cfg.num_workers = 64, 0
-    splits = P.load_splits(cfg)
-    if list(splits.classes) != list(ckpt["classes"]):
-        raise P.DataError(
-            f"the classes of --data {cfg.data} ({len(splits.classes)}) differ from the model's "
-            f"({len(ckpt['classes'])}); verify on data with the same class folders"
-        )
+    splits = P.load_splits_for_model(cfg, ckpt["classes"])
     if len(splits.test) == 0:
         raise P.DataError(f"the test split of {cfg.data} is empty; pass --data with test images")
     prep = ckpt["preprocessing"]

@@ -355,6 +355,18 @@ def load_splits(cfg) -> Splits:
     )
 
 
+def load_splits_for_model(cfg, classes: list[str]) -> Splits:
+    """`load_splits`, refusing data whose classes are not the model's (same names, same order:
+    the head's outputs are indices into them)."""
+    splits = load_splits(cfg)
+    if [str(c) for c in splits.classes] != [str(c) for c in classes]:
+        raise DataError(
+            f"the classes of {cfg.data} ({len(splits.classes)}) differ from the model's "
+            f"({len(classes)}); use data with the same class folders as the model's training"
+        )
+    return splits
+
+
 # ---- transforms and loaders ----------------------------------------------------------------
 
 

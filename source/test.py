@@ -201,12 +201,7 @@ def load(args):
 
 def load_split(args, cfg, classes: list[str]):
     """(every split, the one under test), refusing data whose classes are not the model's."""
-    splits = P.load_splits(cfg)
-    if [str(c) for c in splits.classes] != classes:
-        raise UserError(
-            f"the data's classes ({len(splits.classes)}) differ from the model's "
-            f"({len(classes)}); evaluate on data with the same class folders"
-        )
+    splits = P.load_splits_for_model(cfg, classes)
     dataset = getattr(splits, SPLITS[args.split])
     if not len(dataset):
         raise UserError(f"the {args.split} split of {cfg.data} is empty; pick another --split")

@@ -670,3 +670,14 @@ class ModuloImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return torch.zeros(3, 2, 2), 0
+
+
+def test_data_for_a_model_must_have_its_classes_in_order():
+    cfg = Config(data="digits", image_size=16, patch_size=4)
+    classes = [str(c) for c in P.load_splits(cfg).classes]
+    assert [str(c) for c in P.load_splits_for_model(cfg, classes).classes] == classes
+    swapped = [classes[1], classes[0], *classes[2:]]
+    with pytest.raises(P.DataError, match=r"the classes of digits \(10\) differ from the model's"):
+        P.load_splits_for_model(cfg, swapped)
+    with pytest.raises(P.DataError, match=r"\(10\) differ from the model's \(2\)"):
+        P.load_splits_for_model(cfg, ["cat", "dog"])
