@@ -34,6 +34,9 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# What a folder scan (training, predict.py, monitor.py) reads as images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
 MAX_PIXELS_ENV = "MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 40_000_000  # a 7300 x 5500 photo; 64 model inputs of 790 px and more
 MAX_ASPECT_RATIO = 100  # long side / short side: beyond it, refused

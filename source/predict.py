@@ -36,13 +36,12 @@ from PIL import Image
 
 from backends import BACKENDS, load_engine, resolve_backend
 from cli import DEFAULT_MODEL_PATH, HelpFormatter, default_model_path, quiet_broken_pipe
-from imagesafe import ImageError, open_image, pixel_limit
+from imagesafe import IMAGE_EXTENSIONS, ImageError, open_image, pixel_limit
 from imagetransform import NumpyTransform
 from predict_formats import to_csv, to_table
 
 FORMATS = ("table", "csv", "json")
 # preprocessing.IMAGE_EXTENSIONS (a test keeps them equal): that module imports torch.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -171,8 +170,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def binary_predictions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """metrics.binary_predictions (a test keeps them equal; metrics imports torch): class 1
-    when its probability reaches the threshold, argmax when there is none."""
+    """metrics.binary_predictions (a test keeps them equal; metrics imports torch, and importing
+    it here would close a cycle through attention_viz): class 1 when its probability reaches the
+    threshold, argmax when there is none."""
     if threshold is None or probs.shape[1] != 2:
         return probs.argmax(axis=1)
     return (probs[:, 1] >= threshold).astype(int)

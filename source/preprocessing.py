@@ -24,13 +24,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from imagesafe import ImageError, open_image
+from imagesafe import IMAGE_EXTENSIONS, ImageError, open_image
 from manifest import SPLIT_NAMES, ManifestError, read_manifest
 from runtime import default_threads
 
 log = logging.getLogger("preprocessing")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLIT_DIRS = SPLIT_NAMES  # train | val | test -> the folder (and CSV split) names for it
 TORCHVISION_DATASETS = {
     "cifar10": "CIFAR10",

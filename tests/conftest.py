@@ -60,22 +60,27 @@ def split_folders(tmp_path) -> Path:
     return root
 
 
-def train_smoke(tmp: Path, *extra: str) -> Path:
-    """Train the smoke preset into tmp/; returns the model path."""
+def train_preset(tmp: Path, preset: str, *extra: str, run_name: str | None = None) -> Path:
+    """Train `preset` with every output under tmp/; returns the model path."""
     import train
 
     model = tmp / "models" / "model.pth"
     argv = [
-        "--preset", "smoke",
+        "--preset", preset,
         "--model-path", str(model),
         "--results-dir", str(tmp / "results"),
         "--classes-path", str(tmp / "classes.txt"),
         "--runs-dir", str(tmp / "runs"),
-        "--run-name", "smoke",
+        "--run-name", run_name or preset,
         *extra,
     ]  # fmt: skip
     assert train.main(argv) == 0
     return model
+
+
+def train_smoke(tmp: Path, *extra: str) -> Path:
+    """Train the smoke preset into tmp/; returns the model path."""
+    return train_preset(tmp, "smoke", *extra)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint
+from conftest import train_preset
 
 EPOCHS = 12
 MIN_ACCURACY = 0.90
@@ -23,23 +24,9 @@ MIN_ACCURACY = 0.90
 
 def train_real_digits(tmp: Path) -> Path:
     """Train the digits preset for EPOCHS epochs into tmp/; returns the model path."""
-    import train
-
-    model = tmp / "models" / "model.pth"
-    argv = [
-        "--preset", "digits",
-        "--epochs", str(EPOCHS),
-        "--max-minutes", "0",
-        "--seed", "0",
-        "--tracker", "none",
-        "--model-path", str(model),
-        "--results-dir", str(tmp / "results"),
-        "--classes-path", str(tmp / "classes.txt"),
-        "--runs-dir", str(tmp / "runs"),
-        "--run-name", "real-digits",
-    ]  # fmt: skip
+    extra = ["--epochs", str(EPOCHS), "--max-minutes", "0", "--seed", "0", "--tracker", "none"]
     try:
-        assert train.main(argv) == 0
+        model = train_preset(tmp, "digits", *extra, run_name="real-digits")
     finally:
         torch.set_num_threads(1)  # the preset trains on two threads; the tests run on one
     accuracy = load_checkpoint(model)["metrics"]["test"]["accuracy"]
