@@ -109,6 +109,41 @@ def open_image(
         raise ImageError(f"{name}: {describe(err, source)}") from None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk: empty, so its CRC is fixed
+
+
+def plain_png(data: bytes, max_pixels: int | None = None) -> bool:
+    """True for a complete, single-frame, 8-bit RGB or grey PNG without transparency, within
+    the pixel budget (default pixel_limit()) and the aspect limit: any libpng decoder
+    (OpenCV's) gives exactly open_image's pixels for it, and refuses what open_image refuses
+    (every chunk has a CRC). Read from the chunks before the image data, no decoder involved;
+    False for anything else, never an exception: open_image then decodes or names the error.
+    """
+    data = memoryview(data)
+    if bytes(data[:8]) != PNG_SIGNATURE or bytes(data[-12:]) != b"\0\0\0\0" + PNG_END:
+        return False
+    if bytes(data[12:16]) != b"IHDR" or len(data) < 33:
+        return False
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if depth != 8 or colour not in (0, 2):  # 8-bit grey or RGB; palette, alpha: PIL
+        return False
+    try:
+        check_shape((width, height), pixel_limit() if max_pixels is None else max_pixels, "")
+    except ImageError:
+        return False
+    offset = 33
+    while offset + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = bytes(data[offset + 4 : offset + 8])
+        if kind == b"IDAT":
+            return True
+        if kind in (b"tRNS", b"acTL"):  # transparency, or an animation
+            return False
+        offset += 12 + length
+    return False
+
+
 def check_shape(declared: tuple[int, int], max_pixels: int | None, name: str) -> None:
     """ImageError when `declared` (width, height) is over the budget or absurdly thin."""
     width, height = declared

@@ -89,3 +89,22 @@ def test_int8_formats_benchmark_rejects_an_unknown_shape(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--shapes takes names from digits, digits-patch, cifar10, cifar10-vit" in proc.stderr
+
+
+def test_decode_benchmark_quick_checks_pixels_and_counts_corrupt_jpegs(tmp_path):
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, "benchmarks/decode.py", "--quick", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["image"], r["format"]) for r in result["speed"]] == [
+        ("32 px", "PNG"),
+        ("32 px", "JPEG"),
+        ("224 px", "PNG"),
+        ("224 px", "JPEG"),
+    ]
+    assert all(r["same_pixels"] and r["pil"] > 0 and r["opencv"] > 0 for r in result["speed"])
+    corrupt = result["corrupt_jpeg"]
+    assert corrupt["copies"] == 30
+    assert 0 <= corrupt["opencv_decodes_what_pil_refuses"] <= corrupt["pil_refuses"] <= 30
+    assert "| 32 px | PNG |" in proc.stdout and "Corrupted JPEGs: PIL refuses" in proc.stdout

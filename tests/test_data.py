@@ -406,6 +406,74 @@ def test_decode_first_frame_of_animation():
     assert np.abs(out[0, 0] - [10, 200, 30]).max() <= 8  # GIF palette quantisation
 
 
+def _files_of_every_kind(folder: Path) -> dict[str, Path]:
+    """Images decode_pixels sends to OpenCV (plain PNGs) and to PIL (everything else)."""
+    rng = np.random.default_rng(0)
+    rgb = np.kron(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), np.ones((5, 5, 1), np.uint8))
+    rgba = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]))
+    palette = Image.fromarray(rgb).convert("P")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    saves = {
+        "rgb.png": (Image.fromarray(rgb), {}),
+        "grey.png": (Image.fromarray(rgb[..., 0]), {}),
+        "rgba.png": (rgba, {}),
+        "palette.png": (palette, {}),
+        "palette_transparent.png": (palette, {"transparency": 0}),
+        "rgb.jpg": (Image.fromarray(rgb), {"quality": 90}),
+        "rotated.jpg": (Image.fromarray(rgb), {"exif": exif.tobytes()}),
+        "grey.jpg": (Image.fromarray(rgb[..., 1]), {}),
+        "rgb.webp": (Image.fromarray(rgb), {}),
+    }
+    paths = {}
+    for name, (image, params) in saves.items():
+        paths[name] = folder / name
+        image.save(paths[name], **params)
+    paths["g16.png"] = folder / "g16.png"
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(paths["g16.png"])
+    return paths
+
+
+def test_decode_pixels_equals_pil_for_every_kind_and_uses_opencv_for_plain_png(
+    tmp_path, monkeypatch
+):
+    import cv2
+
+    opencv = []
+    imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: opencv.append(1) or imdecode(*a))
+    for name, path in _files_of_every_kind(tmp_path).items():
+        opencv.clear()
+        got = P.decode_pixels(str(path))
+        expected = torch.from_numpy(pixels(P.decode_image(path)).astype(np.uint8))
+        assert got.dtype == torch.uint8 and got.shape == (3, *expected.shape[:2]), name
+        assert torch.equal(got, expected.permute(2, 0, 1)), name
+        assert bool(opencv) == (name in ("rgb.png", "grey.png")), name
+
+
+def test_decode_pixels_refuses_what_pil_refuses(tmp_path):
+    """A PNG whose data is damaged fails its CRC in OpenCV too; PIL then names the error.
+    A truncated PNG or one over the pixel budget never reaches OpenCV."""
+    rgb = np.arange(48 * 40 * 3, dtype=np.uint8).reshape(40, 48, 3)
+    good = io.BytesIO()
+    Image.fromarray(rgb).save(good, "PNG")
+    data = bytearray(good.getvalue())
+    flipped = tmp_path / "flipped.png"
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.getvalue()[:-40])
+    for path in (flipped, truncated):
+        with pytest.raises(P.ImageError, match=path.name):
+            P.decode_pixels(str(path))
+    big = tmp_path / "big.png"
+    big.write_bytes(good.getvalue())
+    assert not P.plain_png(big.read_bytes(), max_pixels=48 * 40 - 1)
+    missing = tmp_path / "missing.png"
+    with pytest.raises(P.ImageError, match="missing.png: no such file"):
+        P.decode_pixels(str(missing))
+
+
 # ---- transforms -----------------------------------------------------------------------------
 
 MEAN, STD = (0.1, 0.2, 0.3), (0.5, 0.25, 0.2)
