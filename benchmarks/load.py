@@ -5,10 +5,11 @@
     .venv/bin/python benchmarks/load.py --quick                          # small counts (tests)
     .venv/bin/python benchmarks/load.py --sweep --requests 2000          # docs/benchmarks/serving-sweep.md
 
---sweep runs the server in five configurations (torch and onnx, each batched and with
---max-batch 1, and the no-model ceiling) at 1, 4, 16 and 64 concurrent clients, and writes
-a table and a plot (throughput, p50/p99 against concurrency) with each configuration's RSS
-growth; the ONNX file is exported beside the checkpoint first when it is missing.
+--sweep runs the server in five configurations at once (torch and onnx, each batched and
+with --max-batch 1, and the no-model ceiling), measures each at 1, 4, 16 and 64 concurrent
+clients (--levels) in turn, and writes a table, issue 28's targets judged on it, and a plot
+(throughput, p50/p99 against concurrency) with each configuration's RSS growth; the ONNX
+file is exported beside the checkpoint first when it is missing.
 
 Starts `source/serve.py` in a subprocess on 127.0.0.1 and a free port, warms it up with the
 same number of concurrent clients, then sends --requests one-image POST /predict requests
@@ -23,6 +24,8 @@ writes metadata/results/load.md. The server is always stopped at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import socket
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +127,70 @@ def check_answer(response, classes: list[str] | None, topk: int) -> str | None:
     return None
 
 
+BOUNDARY = "load-py-boundary-7f3a"
+
+
+def multipart_body(name: str, data: bytes) -> bytes:
+    """One image as the multipart form field `files` (what a browser or curl -F sends)."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"'
+            "\r\nContent-Type: image/png\r\n\r\n")  # fmt: skip
+    return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+@dataclass
+class Answer:
+    """What check_answer reads of a response (httpx.Response has the same three)."""
+
+    status_code: int
+    content: bytes
+    closed: bool = False  # the server closes the connection after this answer
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs prebuilt bodies and reads each answer
+    by its Content-Length. The load generator shares the server's two cores, so it must
+    cost as little CPU as it can: httpx spends several times more a request than this."""
+
+    def __init__(self, url: str, timeout: float):
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host, self.buffer = f"{host}:{port}", b""
+
+    def post(self, path: str, body: bytes) -> Answer:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n")  # fmt: skip
+        self.sock.sendall(head.encode() + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        header, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        length = int(fields.get("content-length", 0))
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        content, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Answer(status, content, closed=fields.get("connection") == "close")
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        """Closes the socket; returns None (so `client = client.close()` forgets it)."""
+        self.sock.close()
+
+
 @dataclass
 class LoadResult:
     requests: int
@@ -155,32 +223,38 @@ def run_load(
 ) -> LoadResult:
     """`requests` one-image POSTs from `concurrency` threads (request i sends image i mod
     len(images)); errors are counted, never raised."""
-    import httpx
-
     answers: list[dict | None] = [None] * requests
     latencies: list[float | None] = [None] * requests
     errors: list[str] = []
     lock = threading.Lock()
 
+    bodies = [multipart_body(name, data) for name, data in images]
+
     def worker(first: int) -> None:
-        with httpx.Client(base_url=url, timeout=timeout) as client:
-            start_line.wait()
-            for i in range(first, requests, concurrency):
-                name, data = images[i % len(images)]
-                try:
-                    start = time.perf_counter()
-                    response = client.post(
-                        f"/predict?topk={topk}", files={"files": (name, data, "image/png")}
-                    )
-                    problem = check_answer(response, classes, topk)
-                    elapsed = (time.perf_counter() - start) * 1e3
-                except Exception as err:  # a load test counts every failure, never stops
-                    problem = f"{type(err).__name__}: {err}"
-                if problem is None:
-                    answers[i], latencies[i] = response.json()["predictions"][0], elapsed
-                else:
-                    with lock:
-                        errors.append(f"request {i} ({name}): {problem}")
+        client = None
+        with contextlib.suppress(OSError):  # not up: the first request reconnects, and counts
+            client = Connection(url, timeout)
+        start_line.wait()
+        for i in range(first, requests, concurrency):
+            name = images[i % len(images)][0]
+            try:
+                start = time.perf_counter()
+                client = client or Connection(url, timeout)
+                response = client.post(f"/predict?topk={topk}", bodies[i % len(images)])
+                if response.closed:
+                    client = client.close()
+                problem = check_answer(response, classes, topk)
+                elapsed = (time.perf_counter() - start) * 1e3
+            except Exception as err:  # a load test counts every failure, never stops
+                problem = f"{type(err).__name__}: {err}"
+                client = client and client.close()  # a broken connection is replaced
+            if problem is None:
+                answers[i], latencies[i] = response.json()["predictions"][0], elapsed
+            else:
+                with lock:
+                    errors.append(f"request {i} ({name}): {problem}")
+        if client:
+            client.close()
 
     # Every client connects first; the clock starts when all of them (and this thread) are ready.
     threads = [
@@ -266,33 +340,79 @@ def ensure_onnx(model_path: Path) -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def sweep_one(args, images, label: str, env: dict, extra) -> list[dict]:
-    """One server configuration at every concurrency level: a row per level, and the
-    server's RSS growth from after the first warm-up to the end."""
-    server, url = start_server(args.model_path, threads=args.threads, extra=extra, env=env)
-    rows = []
-    try:
-        import httpx
+def sweep_servers(args, images) -> list[dict]:
+    """Every SWEEP configuration started at once, then each concurrency level run against
+    each configuration in turn (so the rows compared at one level are seconds apart, not
+    minutes): a row per configuration and level, with the configuration's RSS growth from
+    after its first warm-up to the end."""
+    import httpx
 
+    servers = {}
+
+    def start(config) -> None:
+        label, env, extra = config
+        process, url = start_server(args.model_path, threads=args.threads, extra=extra, env=env)
         classes = httpx.get(f"{url}/metadata", timeout=30).json()["classes"]
-        for i, level in enumerate(LEVELS):
-            if args.warmup:
-                run_load(url, images, requests=args.warmup, concurrency=level)
-            if i == 0:
-                rss_warm, served = server_rss_mb(server), 0
-            result = run_load(url, images, requests=args.requests, concurrency=level,
-                              topk=args.topk, classes=classes)  # fmt: skip
-            served += args.requests + (args.warmup if i else 0)
-            q = result.percentiles()
-            rows.append({"config": label, "concurrency": level, "requests": args.requests,
-                         "errors": len(result.errors), "first_error": result.errors[:1],
-                         "throughput": result.throughput, "p50": q["p50"], "p99": q["p99"]})  # fmt: skip
-        growth = server_rss_mb(server) - rss_warm
+        servers[label] = {"process": process, "url": url, "classes": classes, "served": 0}
+
+    try:
+        with ThreadPoolExecutor(len(SWEEP)) as pool:  # the five start side by side
+            list(pool.map(start, SWEEP))
+        servers = {label: servers[label] for label, *_ in SWEEP}
+        rows = []
+        for i, level in enumerate(args.levels):
+            for label, server in servers.items():
+                if args.warmup:
+                    run_load(server["url"], images, requests=args.warmup, concurrency=level)
+                if i == 0:
+                    server["rss_warm"] = server_rss_mb(server["process"])
+                result = run_load(server["url"], images, requests=args.requests,
+                                  concurrency=level, topk=args.topk, classes=server["classes"])  # fmt: skip
+                server["served"] += args.requests + (args.warmup if i else 0)
+                q = result.percentiles()
+                rows.append({"config": label, "concurrency": level, "requests": args.requests,
+                             "errors": len(result.errors), "first_error": result.errors[:1],
+                             "throughput": result.throughput, "p50": q["p50"], "p99": q["p99"]})  # fmt: skip
+        for label, server in servers.items():
+            growth = server_rss_mb(server["process"]) - server["rss_warm"]
+            for row in rows:
+                if row["config"] == label:
+                    row["rss_growth_mb"], row["rss_requests"] = growth, server["served"]
     finally:
-        stop_server(server)
-    for row in rows:
-        row["rss_growth_mb"], row["rss_requests"] = growth, served
+        for server in servers.values():
+            stop_server(server["process"])
     return rows
+
+
+def sweep_targets(rows: list[dict]) -> list[str]:
+    """Issue 28's targets, judged on the rows (each against rows of the same run)."""
+    cell = {(r["config"], r["concurrency"]): r for r in rows}
+    lines = []
+
+    def judge(text: str, ok: bool) -> None:
+        lines.append(f"- {text}: **{'met' if ok else 'missed'}**")
+
+    batched, unbatched = cell.get(("torch, batched", 16)), cell.get(("torch, unbatched", 16))
+    ceiling = cell.get(("no-model ceiling", 16))
+    if batched and unbatched and ceiling:
+        ratio = batched["throughput"] / unbatched["throughput"]
+        most = ceiling["throughput"] / unbatched["throughput"]
+        judge(f"16 clients, batched torch >= 2.5x unbatched: {ratio:.2f}x (the no-model "
+              f"ceiling itself is {most:.2f}x unbatched)", ratio >= 2.5)  # fmt: skip
+        share = batched["throughput"] / ceiling["throughput"]
+        judge(f"16 clients, batched torch >= 70% of the no-model ceiling: {100 * share:.0f}% "
+              f"({batched['throughput']:.0f} of {ceiling['throughput']:.0f} requests/s)",
+              share >= 0.7)  # fmt: skip
+        judge(f"16 clients, batched torch p99 <= 100 ms: {batched['p99']:.1f} ms",
+              batched["p99"] <= 100)  # fmt: skip
+    one, one_unbatched = cell.get(("torch, batched", 1)), cell.get(("torch, unbatched", 1))
+    if one and one_unbatched:
+        ratio = one["p50"] / one_unbatched["p50"]
+        judge(f"1 client, batched torch p50 within 10% of unbatched: {one['p50']:.1f} ms "
+              f"against {one_unbatched['p50']:.1f} ms ({ratio:.2f}x)", ratio <= 1.1)  # fmt: skip
+    errors = sum(r["errors"] for r in rows)
+    judge(f"0 errors: {errors} in {sum(r['requests'] for r in rows)} requests", errors == 0)
+    return lines
 
 
 def sweep_table(rows: list[dict]) -> list[str]:
@@ -312,6 +432,7 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    levels = sorted({r["concurrency"] for r in rows})
     for label, *_ in SWEEP:
         mine = [r for r in rows if r["config"] == label]
         if not mine:
@@ -322,7 +443,7 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
         right.plot(x, [r["p99"] for r in mine], ls="--", color=line.get_color())
     for ax, ylabel in ((left, "requests / s"), (right, "latency ms (p50 solid, p99 dashed)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(LEVELS, [str(c) for c in LEVELS])
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -334,14 +455,12 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
 
 
 def run_sweep(args, argv) -> int:
-    """--sweep: every SWEEP configuration at every LEVELS concurrency; the markdown table
+    """--sweep: every SWEEP configuration at every --levels concurrency; the markdown table
     to --out and the plot beside it (.png); exit 1 on any error."""
     images = sample_images()
     model_path = Path(args.model_path)
     ensure_onnx(model_path)
-    rows = [
-        row for label, env, extra in SWEEP for row in sweep_one(args, images, label, env, extra)
-    ]
+    rows = sweep_servers(args, images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = out.with_suffix(".png")
@@ -358,8 +477,10 @@ def run_sweep(args, argv) -> int:
         f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row after "
         f"{args.warmup} warm-up requests at the same concurrency; `serve.py --threads "
         f"{args.threads}`; batched = serve.py's defaults, unbatched = `--max-batch 1`; the "
-        "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1).", "",
-        *sweep_table(rows), "",
+        "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1). All five "
+        "servers run at once; each concurrency level is measured against each in turn.", "",
+        *sweep_table(rows), "", "Issue 28's targets, from this table:", "",
+        *sweep_targets(rows), "",
         "Server RSS growth (after the first warm-up to the end of the configuration):", "",
         *[f"- {c}: {g:+.1f} MiB over {n} requests" for c, (g, n) in growth.items()], "",
         f"![throughput and latency against concurrency]({plot.name})", "",
@@ -390,10 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sweep", action="store_true",
-        help="concurrency 1, 4, 16, 64 x (torch, onnx) x (batched, --max-batch 1), and the "
+        help="concurrency --levels x (torch, onnx) x (batched, --max-batch 1), and the "
         "no-model ceiling; --requests per row; writes --out (default "
         "docs/benchmarks/serving-sweep.md) and the plot beside it (.png)",
     )  # fmt: skip
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
+                        help="--sweep's concurrency levels")  # fmt: skip
     parser.add_argument("--out", default=None, help="report file (default: metadata/results/"
                         "load.md; with --sweep docs/benchmarks/serving-sweep.md)")  # fmt: skip
     return parser
@@ -405,10 +528,10 @@ def main(argv=None) -> int:
         args.requests, args.warmup = (64, 8) if args.sweep else (100, 32)  # 64: every level
     if args.out is None:
         args.out = "docs/benchmarks/serving-sweep.md" if args.sweep else "metadata/results/load.md"
-    if min(args.concurrency, args.requests, args.topk) < 1 or args.warmup < 0:
+    if min(args.concurrency, args.requests, args.topk, *args.levels) < 1 or args.warmup < 0:
         print(
-            "error: --concurrency, --requests and --topk must be at least 1 and --warmup at "
-            "least 0",
+            "error: --concurrency, --requests, --topk and --levels must be at least 1 and "
+            "--warmup at least 0",
             file=sys.stderr,
         )
         return 2

@@ -106,6 +106,54 @@ def test_load_benchmark_quick_writes_its_report(smoke_model, tmp_path):
         assert row in text
 
 
+def test_sweep_targets_are_judged_on_rows_of_the_same_run():
+    import load
+
+    def row(config, concurrency, throughput, p50, p99, errors=0):
+        return dict(config=config, concurrency=concurrency, throughput=throughput, p50=p50,
+                    p99=p99, errors=errors, requests=100)  # fmt: skip
+
+    rows = [
+        row("torch, batched", 1, 200, 5.0, 7.0),
+        row("torch, unbatched", 1, 250, 4.0, 6.0),
+        row("torch, batched", 16, 300, 50.0, 90.0),
+        row("torch, unbatched", 16, 100, 150.0, 180.0),
+        row("no-model ceiling", 16, 400, 40.0, 60.0, errors=1),
+    ]
+    assert load.sweep_targets(rows) == [
+        "- 16 clients, batched torch >= 2.5x unbatched: 3.00x (the no-model ceiling itself is "
+        "4.00x unbatched): **met**",
+        "- 16 clients, batched torch >= 70% of the no-model ceiling: 75% (300 of 400 "
+        "requests/s): **met**",
+        "- 16 clients, batched torch p99 <= 100 ms: 90.0 ms: **met**",
+        "- 1 client, batched torch p50 within 10% of unbatched: 5.0 ms against 4.0 ms (1.25x): "
+        "**missed**",
+        "- 0 errors: 1 in 500 requests: **missed**",
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_quick_runs_every_configuration_at_every_level(smoke_model, tmp_path):
+    import shutil
+
+    import load
+
+    model = tmp_path / "model.pth"
+    shutil.copy(smoke_model, model)  # the ONNX export lands beside it
+    out = tmp_path / "sweep.md"
+    argv = ["--sweep", "--quick", "--levels", "1", "2", "--model-path", str(model)]
+    assert load.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert model.with_suffix(".onnx").is_file() and out.with_suffix(".png").is_file()
+    for label, *_ in load.SWEEP:
+        for level in (1, 2):
+            assert f"| {label} | {level} |" in text
+        assert f"- {label}: " in text and " MiB over " in text
+    assert "- 1 client, batched torch p50 within 10% of unbatched:" in text
+    assert "- 0 errors: 0 in 640 requests: **met**" in text
+    assert "16 clients" not in text  # no row at 16: nothing judged there
+
+
 def test_load_benchmark_refuses_a_missing_model(tmp_path, capsys):
     import load
 
