@@ -5,11 +5,12 @@
     .venv/bin/python benchmarks/load.py --quick                          # small counts (tests)
     .venv/bin/python benchmarks/load.py --sweep --requests 2000          # docs/benchmarks/serving-sweep.md
 
---sweep runs the server in five configurations at once (torch and onnx, each batched and
-with --max-batch 1, and the no-model ceiling), measures each at 1, 4, 16 and 64 concurrent
-clients (--levels) in turn, and writes a table, issue 28's targets judged on it, and a plot
-(throughput, p50/p99 against concurrency) with each configuration's RSS growth; the ONNX
-file is exported beside the checkpoint first when it is missing.
+--sweep runs the server in seven configurations at once (the checkpoint in PyTorch, its
+TorchScript export and its ONNX export, each batched and with --max-batch 1, and the no-model
+ceiling), measures each at 1, 4, 16 and 64 concurrent clients (--levels) in rounds that
+alternate between them, and writes a table, issue 28's targets judged on it, and a plot
+(throughput, p50/p99 against concurrency) with each configuration's RSS growth; the exports
+are written beside the checkpoint first when they are missing.
 
 Starts `source/serve.py` in a subprocess on 127.0.0.1 and a free port, warms it up with the
 same number of concurrent clients, then sends --requests one-image POST /predict requests
@@ -320,55 +321,84 @@ def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], wa
 # ---- --sweep: concurrency x backend x batching, and the no-model ceiling --------------------
 
 LEVELS = (1, 4, 16, 64)
-# (label, serve.py environment, serve.py options): the backends with batching (serve.py's
-# defaults) and without (--max-batch 1), and the ceiling: the forward pass replaced by a
-# constant answer (SERVE_NO_MODEL=1), so what is left is HTTP, multipart, decoding and JSON.
-SWEEP = (
-    ("torch, batched", {"PREDICT_BACKEND": "torch"}, ()),
-    ("torch, unbatched", {"PREDICT_BACKEND": "torch"}, ("--max-batch", "1")),
-    ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, ()),
-    ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1")),
-    ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, ()),
-)
+ROUNDS = 4  # each level's requests are sent in rounds that alternate between configurations
+# (label, serve.py environment, serve.py options, the model file's suffix): the backends with
+# batching (serve.py's defaults) and without (--max-batch 1), and the ceiling: the forward
+# pass replaced by a constant answer (SERVE_NO_MODEL=1), so what is left is HTTP, multipart,
+# decoding, preprocessing and JSON. "torchscript" serves export.py --format torchscript's
+# .pt file (the same model traced: no Python between its operators).
+SWEEP = {  # --configs name -> (label, serve.py environment, options, model file suffix)
+    "torch": ("torch, batched", {"PREDICT_BACKEND": "torch"}, (), ".pth"),
+    "torch-1": ("torch, unbatched", {"PREDICT_BACKEND": "torch"}, ("--max-batch", "1"), ".pth"),
+    "torchscript": ("torchscript, batched", {}, (), ".pt"),
+    "torchscript-1": ("torchscript, unbatched", {}, ("--max-batch", "1"), ".pt"),
+    "onnx": ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, (), ".pth"),
+    "onnx-1": ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1"), ".pth"),
+    "ceiling": ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, (), ".pth"),
+}  # fmt: skip
+EXPORTS = {".onnx": "onnx", ".pt": "torchscript"}
 
 
-def ensure_onnx(model_path: Path) -> None:
-    """model.onnx beside the checkpoint, exported (and verified) by export.py when missing."""
-    if not model_path.with_suffix(".onnx").is_file():
-        command = [sys.executable, str(ROOT / "source" / "export.py"), "--model-path",
-                   str(model_path)]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+def ensure_exports(model_path: Path, configs: list[str]) -> None:
+    """model.onnx and model.pt beside the checkpoint when `configs` need them, exported (and
+    verified) by export.py when missing."""
+    needed = {".onnx" if "onnx" in name else SWEEP[name][3] for name in configs}
+    for suffix, fmt in EXPORTS.items():
+        if suffix in needed and not model_path.with_suffix(suffix).is_file():
+            command = [sys.executable, str(ROOT / "source" / "export.py"), "--model-path",
+                       str(model_path), "--format", fmt]  # fmt: skip
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def merged(results: list[LoadResult]) -> LoadResult:
+    """Rounds of one configuration at one level as one result."""
+    return LoadResult(
+        requests=sum(r.requests for r in results),
+        concurrency=results[0].concurrency,
+        seconds=sum(r.seconds for r in results),
+        latencies_ms=[x for r in results for x in r.latencies_ms],
+        errors=[e for r in results for e in r.errors],
+    )
 
 
 def sweep_servers(args, images) -> list[dict]:
-    """Every SWEEP configuration started at once, then each concurrency level run against
-    each configuration in turn (so the rows compared at one level are seconds apart, not
-    minutes): a row per configuration and level, with the configuration's RSS growth from
-    after its first warm-up to the end."""
+    """Every SWEEP configuration started at once; then, level by level, the level's requests
+    sent in ROUNDS rounds that take the configurations in turn, so the rows compared at one
+    level are measured over the same minutes: a row per configuration and level, with the
+    configuration's RSS growth from after its first warm-up to the end."""
     import httpx
 
     servers = {}
 
     def start(config) -> None:
-        label, env, extra = config
-        process, url = start_server(args.model_path, threads=args.threads, extra=extra, env=env)
+        label, env, extra, suffix = config
+        path = Path(args.model_path).with_suffix(suffix)
+        process, url = start_server(path, threads=args.threads, extra=extra, env=env)
         classes = httpx.get(f"{url}/metadata", timeout=30).json()["classes"]
         servers[label] = {"process": process, "url": url, "classes": classes, "served": 0}
 
     try:
-        with ThreadPoolExecutor(len(SWEEP)) as pool:  # the five start side by side
-            list(pool.map(start, SWEEP))
-        servers = {label: servers[label] for label, *_ in SWEEP}
+        configs = [SWEEP[name] for name in args.configs]
+        with ThreadPoolExecutor(len(configs)) as pool:  # they start side by side
+            list(pool.map(start, configs))
+        servers = {label: servers[label] for label, *_ in configs}
         rows = []
         for i, level in enumerate(args.levels):
-            for label, server in servers.items():
+            results = {label: [] for label in servers}
+            for server in servers.values():
                 if args.warmup:
                     run_load(server["url"], images, requests=args.warmup, concurrency=level)
                 if i == 0:
                     server["rss_warm"] = server_rss_mb(server["process"])
-                result = run_load(server["url"], images, requests=args.requests,
-                                  concurrency=level, topk=args.topk, classes=server["classes"])  # fmt: skip
+            for part in range(ROUNDS):
+                count = args.requests // ROUNDS + (part < args.requests % ROUNDS)
+                for label, server in servers.items():
+                    results[label].append(run_load(
+                        server["url"], images, requests=count, concurrency=min(level, count),
+                        topk=args.topk, classes=server["classes"]))  # fmt: skip
+            for label, server in servers.items():
                 server["served"] += args.requests + (args.warmup if i else 0)
+                result = merged(results[label])
                 q = result.percentiles()
                 rows.append({"config": label, "concurrency": level, "requests": args.requests,
                              "errors": len(result.errors), "first_error": result.errors[:1],
@@ -392,24 +422,27 @@ def sweep_targets(rows: list[dict]) -> list[str]:
     def judge(text: str, ok: bool) -> None:
         lines.append(f"- {text}: **{'met' if ok else 'missed'}**")
 
-    batched, unbatched = cell.get(("torch, batched", 16)), cell.get(("torch, unbatched", 16))
     ceiling = cell.get(("no-model ceiling", 16))
-    if batched and unbatched and ceiling:
-        ratio = batched["throughput"] / unbatched["throughput"]
-        most = ceiling["throughput"] / unbatched["throughput"]
-        judge(f"16 clients, batched torch >= 2.5x unbatched: {ratio:.2f}x (the no-model "
-              f"ceiling itself is {most:.2f}x unbatched)", ratio >= 2.5)  # fmt: skip
-        share = batched["throughput"] / ceiling["throughput"]
-        judge(f"16 clients, batched torch >= 70% of the no-model ceiling: {100 * share:.0f}% "
-              f"({batched['throughput']:.0f} of {ceiling['throughput']:.0f} requests/s)",
-              share >= 0.7)  # fmt: skip
-        judge(f"16 clients, batched torch p99 <= 100 ms: {batched['p99']:.1f} ms",
-              batched["p99"] <= 100)  # fmt: skip
-    one, one_unbatched = cell.get(("torch, batched", 1)), cell.get(("torch, unbatched", 1))
-    if one and one_unbatched:
-        ratio = one["p50"] / one_unbatched["p50"]
-        judge(f"1 client, batched torch p50 within 10% of unbatched: {one['p50']:.1f} ms "
-              f"against {one_unbatched['p50']:.1f} ms ({ratio:.2f}x)", ratio <= 1.1)  # fmt: skip
+    for backend in ("torch", "torchscript"):
+        batched = cell.get((f"{backend}, batched", 16))
+        unbatched = cell.get((f"{backend}, unbatched", 16))
+        if batched and unbatched and ceiling:
+            ratio = batched["throughput"] / unbatched["throughput"]
+            most = ceiling["throughput"] / unbatched["throughput"]
+            judge(f"16 clients, batched {backend} >= 2.5x unbatched: {ratio:.2f}x (the "
+                  f"no-model ceiling itself is {most:.2f}x unbatched)", ratio >= 2.5)  # fmt: skip
+            share = batched["throughput"] / ceiling["throughput"]
+            judge(f"16 clients, batched {backend} >= 70% of the no-model ceiling: "
+                  f"{100 * share:.0f}% ({batched['throughput']:.0f} of "
+                  f"{ceiling['throughput']:.0f} requests/s)", share >= 0.7)  # fmt: skip
+            judge(f"16 clients, batched {backend} p99 <= 100 ms: {batched['p99']:.1f} ms",
+                  batched["p99"] <= 100)  # fmt: skip
+        one = cell.get((f"{backend}, batched", 1))
+        one_unbatched = cell.get((f"{backend}, unbatched", 1))
+        if one and one_unbatched:
+            ratio = one["p50"] / one_unbatched["p50"]
+            judge(f"1 client, batched {backend} p50 within 10% of unbatched: {one['p50']:.1f} "
+                  f"ms against {one_unbatched['p50']:.1f} ms ({ratio:.2f}x)", ratio <= 1.1)  # fmt: skip
     errors = sum(r["errors"] for r in rows)
     judge(f"0 errors: {errors} in {sum(r['requests'] for r in rows)} requests", errors == 0)
     return lines
@@ -433,7 +466,7 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     levels = sorted({r["concurrency"] for r in rows})
-    for label, *_ in SWEEP:
+    for label, *_ in SWEEP.values():
         mine = [r for r in rows if r["config"] == label]
         if not mine:
             continue
@@ -459,7 +492,7 @@ def run_sweep(args, argv) -> int:
     to --out and the plot beside it (.png); exit 1 on any error."""
     images = sample_images()
     model_path = Path(args.model_path)
-    ensure_onnx(model_path)
+    ensure_exports(model_path, args.configs)
     rows = sweep_servers(args, images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -477,8 +510,9 @@ def run_sweep(args, argv) -> int:
         f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row after "
         f"{args.warmup} warm-up requests at the same concurrency; `serve.py --threads "
         f"{args.threads}`; batched = serve.py's defaults, unbatched = `--max-batch 1`; the "
-        "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1). All five "
-        "servers run at once; each concurrency level is measured against each in turn.", "",
+        "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1); torchscript "
+        "serves `export.py --format torchscript`'s .pt file. All servers run at once; each "
+        f"level's requests are sent in {ROUNDS} rounds that take the servers in turn.", "",
         *sweep_table(rows), "", "Issue 28's targets, from this table:", "",
         *sweep_targets(rows), "",
         "Server RSS growth (after the first warm-up to the end of the configuration):", "",
@@ -517,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
                         help="--sweep's concurrency levels")  # fmt: skip
+    parser.add_argument("--configs", nargs="+", choices=list(SWEEP), default=list(SWEEP),
+                        help="--sweep's server configurations (NAME-1: --max-batch 1)")  # fmt: skip
     parser.add_argument("--out", default=None, help="report file (default: metadata/results/"
                         "load.md; with --sweep docs/benchmarks/serving-sweep.md)")  # fmt: skip
     return parser

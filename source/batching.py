@@ -6,11 +6,18 @@ pass and hands each request its own rows, so every request gets what it would ha
 TorchServe's batch_size / max_batch_delay, the worker waits for more only while other
 requests are still being decoded, and never more than `max_wait_ms` after the first one it
 holds: one client alone waits for nothing. The queue is bounded: past `max_queue` waiting
-requests, `submit` raises QueueFull (the API answers 503 with Retry-After).
+requests, `submit` and `predict` raise QueueFull (the API answers 503 with Retry-After).
+
+Two ways in. `submit(items)` queues the raw (name, bytes) pairs and returns a Future; the
+worker decodes them with the rest of its batch, so an asyncio server hands a request over
+with no thread of its own (`await asyncio.wrap_future(batcher.submit(items))`). `predict`
+decodes in the calling thread first (large uploads, in parallel with other callers) and
+waits for the answer.
 
     batcher = Batcher(predictor, max_batch=32, max_wait_ms=5, max_queue=256)
     batcher.start()
     predictions = batcher.predict([("a.png", data), ("b.png", other)], topk=3)
+    predictions = await asyncio.wrap_future(batcher.submit([("c.png", small)], topk=3))
     batcher.stop()
 """
 
@@ -38,9 +45,10 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class Job:
-    prepared: Prepared
+    items: list[tuple[str, object]] | None  # raw inputs for the worker to decode, or None
+    prepared: Prepared | None  # decoded inputs, or None until the worker decodes `items`
     topk: int
-    size: int  # images in this request that go through the model
+    size: int  # images in this request (the batch bound counts them)
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -87,8 +95,24 @@ class Batcher:
 
     # ---- request side (the web server's threads) --------------------------------------------
 
+    def submit(
+        self, items: list[tuple[str, object]], topk: int = 5, prepared: Prepared | None = None
+    ) -> Future:
+        """Queue a request; its Future gets Predictor.predict's answer for the (name, input)
+        pairs. Without `prepared` the worker decodes them. QueueFull when the queue is full."""
+        if topk < 1:
+            raise ValueError(f"topk must be at least 1, got {topk}")
+        job = Job(items if prepared is None else None, prepared, topk, len(items))
+        with self.lock:
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(len(self.jobs), retry_after=1)
+            self.jobs.append(job)
+            self.lock.notify_all()
+        return job.future
+
     def predict(self, items: list[tuple[str, object]], topk: int = 5) -> list[Prediction]:
-        """Predictor.predict's answer for (name, input) pairs, through the shared worker."""
+        """Predictor.predict's answer for (name, input) pairs: decoded in this thread (in
+        parallel with other callers), then through the shared worker."""
         if topk < 1:
             raise ValueError(f"topk must be at least 1, got {topk}")
         with self.lock:
@@ -103,11 +127,7 @@ class Batcher:
                 self.lock.notify_all()
         if prepared.pixels is None:  # nothing readable: no model call
             return prepared.results
-        job = Job(prepared, topk, len(prepared.index))
-        with self.lock:
-            self.jobs.append(job)
-            self.lock.notify_all()
-        return job.future.result()
+        return self.submit(items, topk, prepared).result()
 
     # ---- the model worker --------------------------------------------------------------------
 
@@ -141,16 +161,27 @@ class Batcher:
                 self.run(batch)
 
     def run(self, batch: list[Job]) -> None:
-        """One forward pass for the batch; each job gets its rows, or the error."""
+        """Decode what is still raw, then one forward pass for the batch; each job gets its
+        rows (or its inputs' errors, when none was readable), or the error."""
         try:
-            pixels = np.concatenate([job.prepared.pixels for job in batch])
+            ready = []
+            for job in batch:
+                if job.prepared is None:
+                    job.prepared, job.items = self.predictor.prepare(job.items), None
+                if job.prepared.pixels is None:  # nothing readable: no model call
+                    job.future.set_result(job.prepared.results)
+                else:
+                    ready.append(job)
+            if not ready:
+                return
+            pixels = np.concatenate([job.prepared.pixels for job in ready])
             logits = self.predictor.logits(pixels)
             if self.on_batch is not None:
                 self.on_batch(len(pixels))
             start = 0
-            for job in batch:
-                rows = logits[start : start + job.size]
-                start += job.size
+            for job in ready:
+                rows = logits[start : start + len(job.prepared.index)]
+                start += len(rows)
                 job.future.set_result(self.predictor.finish(job.prepared, rows, job.topk))
         except Exception as err:  # the requests get the error; the worker keeps serving
             for job in batch:

@@ -32,6 +32,7 @@ offline and on air-gapped clusters.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from backends import resolve_backend
@@ -64,6 +66,10 @@ API_VERSION = "1"
 DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
+# Requests with at most this many bytes of images are decoded by the model worker with its
+# batch (no thread hand-over: +N% requests/s at 16 clients, docs/benchmarks/serving-sweep.md);
+# larger ones in FastAPI's thread pool, where decoders run in parallel.
+INLINE_DECODE_BYTES = 256 * 1024
 DEFAULT_HEADER_TIMEOUT = 10.0  # s; a slow-header (slowloris) client is disconnected after it
 DEFAULT_BODY_TIMEOUT = 60.0  # s; 10 MB at 170 KB/s
 DEFAULT_KEEP_ALIVE = 5.0  # s; uvicorn's default
@@ -225,19 +231,23 @@ def metadata(request: Request) -> dict:
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)
-def predict(
+async def predict(
     request: Request,
     files: list[UploadFile] | None = File(None, description="one or more images"),
     topk: int = Query(5, ge=1, description="classes to return per image"),
 ) -> dict:
     predictor: Predictor = request.app.state.predictor
+    batcher: Batcher = request.app.state.batcher
     if not files:
         raise HTTPException(400, "no image uploaded; send images as multipart form field 'files'")
-    # A sync endpoint runs in FastAPI's thread pool: it decodes its images and waits for
-    # the model worker, which never blocks the event loop.
-    items = [(f.filename or f"upload[{i}]", f.file.read()) for i, f in enumerate(files)]
+    items = [(f.filename or f"upload[{i}]", await f.read()) for i, f in enumerate(files)]
     try:
-        predictions = request.app.state.batcher.predict(items, topk=topk)
+        if sum(len(data) for _, data in items) <= INLINE_DECODE_BYTES:
+            # Small uploads go to the model worker as bytes: it decodes them with its batch,
+            # and the event loop waits on the Future, with no thread-pool hand-over.
+            predictions = await asyncio.wrap_future(batcher.submit(items, topk=topk))
+        else:  # large ones are decoded in the thread pool, in parallel, never in the loop
+            predictions = await run_in_threadpool(batcher.predict, items, topk)
     except QueueFull as err:
         headers = {"Retry-After": str(err.retry_after)}
         raise HTTPException(503, str(err), headers=headers) from None

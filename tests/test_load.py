@@ -118,6 +118,8 @@ def test_sweep_targets_are_judged_on_rows_of_the_same_run():
         row("torch, unbatched", 1, 250, 4.0, 6.0),
         row("torch, batched", 16, 300, 50.0, 90.0),
         row("torch, unbatched", 16, 100, 150.0, 180.0),
+        row("torchscript, batched", 16, 360, 40.0, 120.0),
+        row("torchscript, unbatched", 16, 200, 80.0, 95.0),
         row("no-model ceiling", 16, 400, 40.0, 60.0, errors=1),
     ]
     assert load.sweep_targets(rows) == [
@@ -128,7 +130,12 @@ def test_sweep_targets_are_judged_on_rows_of_the_same_run():
         "- 16 clients, batched torch p99 <= 100 ms: 90.0 ms: **met**",
         "- 1 client, batched torch p50 within 10% of unbatched: 5.0 ms against 4.0 ms (1.25x): "
         "**missed**",
-        "- 0 errors: 1 in 500 requests: **missed**",
+        "- 16 clients, batched torchscript >= 2.5x unbatched: 1.80x (the no-model ceiling itself "
+        "is 2.00x unbatched): **missed**",
+        "- 16 clients, batched torchscript >= 70% of the no-model ceiling: 90% (360 of 400 "
+        "requests/s): **met**",
+        "- 16 clients, batched torchscript p99 <= 100 ms: 120.0 ms: **missed**",
+        "- 0 errors: 1 in 700 requests: **missed**",
     ]
 
 
@@ -139,18 +146,23 @@ def test_sweep_quick_runs_every_configuration_at_every_level(smoke_model, tmp_pa
     import load
 
     model = tmp_path / "model.pth"
-    shutil.copy(smoke_model, model)  # the ONNX export lands beside it
+    shutil.copy(smoke_model, model)  # the ONNX and TorchScript exports land beside it
     out = tmp_path / "sweep.md"
-    argv = ["--sweep", "--quick", "--levels", "1", "2", "--model-path", str(model)]
+    configs = ["torch", "torch-1", "torchscript", "ceiling"]
+    argv = ["--sweep", "--quick", "--levels", "1", "2", "--configs", *configs]
+    argv += ["--model-path", str(model)]
     assert load.main([*argv, "--out", str(out)]) == 0
     text = out.read_text()
-    assert model.with_suffix(".onnx").is_file() and out.with_suffix(".png").is_file()
-    for label, *_ in load.SWEEP:
+    assert model.with_suffix(".pt").is_file() and out.with_suffix(".png").is_file()
+    assert not model.with_suffix(".onnx").exists()  # no ONNX configuration asked for
+    for label, *_ in (load.SWEEP[name] for name in configs):
         for level in (1, 2):
             assert f"| {label} | {level} |" in text
         assert f"- {label}: " in text and " MiB over " in text
     assert "- 1 client, batched torch p50 within 10% of unbatched:" in text
-    assert "- 0 errors: 0 in 640 requests: **met**" in text
+    assert "- 1 client, batched torchscript p50" not in text  # no unbatched torchscript row
+    assert "onnx" not in text
+    assert "- 0 errors: 0 in 512 requests: **met**" in text
     assert "16 clients" not in text  # no row at 16: nothing judged there
 
 

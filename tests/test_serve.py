@@ -336,6 +336,42 @@ def test_batched_answers_equal_unbatched_through_a_real_server(smoke_model, pred
     assert passes < answered  # requests shared forward passes
 
 
+@pytest.mark.parametrize("inline_bytes", [0, 10**9], ids=["thread pool", "model worker"])
+def test_both_decoding_paths_answer_like_the_predictor(smoke_model, predictor, monkeypatch,
+                                                       inline_bytes):  # fmt: skip
+    """Uploads up to serve.INLINE_DECODE_BYTES are decoded by the model worker, larger ones
+    in the thread pool: either way, each request gets Predictor.predict's answer."""
+    import serve
+
+    monkeypatch.setattr(serve, "INLINE_DECODE_BYTES", inline_bytes)
+    calls = {"submit": 0, "predict": 0}
+    with TestClient(create_app(smoke_model, device="cpu")) as c:
+        batcher = c.app.state.batcher
+        for name in calls:
+            real = getattr(batcher, name)
+
+            def counted(*args, _real=real, _name=name, **kwargs):
+                calls[_name] += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(batcher, name, counted)
+        for files in batch_requests()[-3:]:
+            body = [("files", (name, data, "image/png")) for name, data in files]
+            response = c.post("/predict?topk=3", files=body)
+            alone = predictor.predict(files, topk=3)
+            if all(not p.ok for p in alone):
+                assert response.status_code == 400
+                continue
+            got = response.json()["predictions"]
+            assert [(g["source"], g["predicted"], g["error"]) for g in got] == [
+                (p.source, p.predicted, p.error) for p in alone
+            ]
+    # the thread-pool path's predict decodes, then hands the prepared batch to submit
+    assert calls == (
+        {"submit": 2, "predict": 3} if inline_bytes == 0 else {"submit": 3, "predict": 0}
+    )
+
+
 def test_a_full_queue_answers_503_with_retry_after(smoke_model):
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -410,6 +446,7 @@ def test_every_error_answer_is_json(smoke_model, monkeypatch):
             raise ZeroDivisionError("a bug")
 
         monkeypatch.setattr(app.state.batcher, "predict", broken)
+        monkeypatch.setattr(app.state.batcher, "submit", broken)
         answers = {
             404: c.get("/no/such/page"),
             405: c.get("/predict"),
