@@ -67,7 +67,7 @@ DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain lit
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
 # Requests with at most this many bytes of images are decoded by the model worker with its
-# batch (no thread hand-over: +N% requests/s at 16 clients, docs/benchmarks/serving-sweep.md);
+# batch (no thread hand-over a request; docs/benchmarks/serving-sweep.md measures the gain);
 # larger ones in FastAPI's thread pool, where decoders run in parallel.
 INLINE_DECODE_BYTES = 256 * 1024
 DEFAULT_HEADER_TIMEOUT = 10.0  # s; a slow-header (slowloris) client is disconnected after it
