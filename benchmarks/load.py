@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "source"))
 from cli import HelpFormatter  # noqa: E402
 
 SAMPLES_DIR = ROOT / "assets" / "samples"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PREDICTION_KEYS = {"source", "predicted", "probability", "topk", "error"}
 
 
@@ -55,9 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sample_images() -> list[tuple[str, bytes]]:
-    """(name, PNG bytes) of the real test-split digits shipped in assets/samples/."""
-    return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
+def sample_images(folder: Path | None = None, limit: int = 64) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the real test-split digits shipped in assets/samples/, or of the first
+    `limit` images under `folder` (sorted paths; e.g. CIFAR-10 JPEGs for a cifar10 model)."""
+    if folder is None:
+        return [(p.name, p.read_bytes()) for p in sorted(SAMPLES_DIR.glob("*.png"))]
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(p.name, p.read_bytes()) for p in found[:limit]]
 
 
 def start_server(model_path: str, *, threads: int = 1, timeout: float = 180.0, extra=(), env=None):
@@ -105,6 +110,11 @@ def server_rss_mb(server: subprocess.Popen) -> float:
     import psutil
 
     return psutil.Process(server.pid).memory_info().rss / 2**20
+
+
+def images_used(args) -> str:
+    """How the report names the images sent."""
+    return f"images from {args.images}" if args.images else "PNG digits from assets/samples/"
 
 
 def check_answer(response, classes: list[str] | None, topk: int) -> str | None:
@@ -295,7 +305,7 @@ def report(args, argv, info: dict, result: LoadResult, rss: dict[str, float], wa
         "",
         f"Model: `{args.model_path}`, {info['num_parameters'] / 1e6:.2f} M parameters, "
         f"{info['image_size']} px input, {info['num_classes']} classes. "
-        f"{result.requests} one-image POST /predict requests (PNG digits from assets/samples/) "
+        f"{result.requests} one-image POST /predict requests ({images_used(args)}) "
         f"from {result.concurrency} concurrent keep-alive clients (threads) to "
         f"`source/serve.py --threads {args.threads}` under uvicorn on the loopback, after "
         f"{warmup} warm-up requests at the same concurrency; latency from send to parsed JSON.",
@@ -490,7 +500,7 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
 def run_sweep(args, argv) -> int:
     """--sweep: every SWEEP configuration at every --levels concurrency; the markdown table
     to --out and the plot beside it (.png); exit 1 on any error."""
-    images = sample_images()
+    images = sample_images(args.images)
     model_path = Path(args.model_path)
     ensure_exports(model_path, args.configs)
     rows = sweep_servers(args, images)
@@ -507,7 +517,8 @@ def run_sweep(args, argv) -> int:
         "# Serving sweep: concurrency, backend, batching", "", f"`{command}`", "",
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores shared "
         f"by the server and the clients (load average at the end {load}). Model "
-        f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row after "
+        f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row "
+        f"({images_used(args)}) after "
         f"{args.warmup} warm-up requests at the same concurrency; `serve.py --threads "
         f"{args.threads}`; batched = serve.py's defaults, unbatched = `--max-batch 1`; the "
         "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1); torchscript "
@@ -532,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model-path", default="metadata/models/model.pth", help="checkpoint")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="send the first 64 images under this folder (default: the digits "
+                        "in assets/samples/)")  # fmt: skip
     parser.add_argument("--requests", type=int, default=2000, help="timed requests in all")
     parser.add_argument(
         "--warmup", type=int, default=200, help="untimed requests first, at the same concurrency"
@@ -574,14 +588,14 @@ def main(argv=None) -> int:
     if not Path(args.model_path).is_file():
         print(f"error: no model file at {args.model_path}; run `make all` first", file=sys.stderr)
         return 2
+    if not sample_images(args.images, limit=1):
+        print(f"error: no PNG or JPEG images in {args.images or SAMPLES_DIR}", file=sys.stderr)
+        return 2
     if args.sweep:
         return run_sweep(args, argv)
     import httpx
 
-    images = sample_images()
-    if not images:
-        print(f"error: no sample images in {SAMPLES_DIR}", file=sys.stderr)
-        return 2
+    images = sample_images(args.images)
     server, url = start_server(args.model_path, threads=args.threads)
     try:
         rss = {"start": server_rss_mb(server)}

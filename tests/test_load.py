@@ -166,6 +166,24 @@ def test_sweep_quick_runs_every_configuration_at_every_level(smoke_model, tmp_pa
     assert "16 clients" not in text  # no row at 16: nothing judged there
 
 
+def test_images_from_a_folder_and_an_empty_folder_refused(tmp_path, capsys):
+    import load
+
+    for i in range(70):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / f"c{i % 2}" / f"{i:03d}.jpg").write_bytes(bytes([i]))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    images = load.sample_images(tmp_path / "imgs")
+    assert len(images) == 64 and images[0] == ("000.jpg", bytes([0]))
+    assert [name for name, _ in images[:2]] == ["000.jpg", "002.jpg"]  # c0/ sorts first
+    model = tmp_path / "model.pth"
+    model.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    argv = ["--model-path", str(model), "--images", str(tmp_path / "empty")]
+    assert load.main(argv) == 2
+    assert f"no PNG or JPEG images in {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
 def test_load_benchmark_refuses_a_missing_model(tmp_path, capsys):
     import load
 
