@@ -150,8 +150,11 @@ class Batcher:
             batch, images = [], 0
             while self.jobs and (not batch or images + self.jobs[0].size <= self.max_batch):
                 job = self.jobs.popleft()
-                batch.append(job)
-                images += job.size
+                # A request whose caller gave up (its Future cancelled, e.g. the asyncio task
+                # was) is dropped; a running Future can no longer be cancelled.
+                if job.future.set_running_or_notify_cancel():
+                    batch.append(job)
+                    images += job.size
             return batch
 
     def work(self) -> None:
@@ -159,6 +162,10 @@ class Batcher:
             batch = self.take()
             if batch:
                 self.run(batch)
+        with self.lock:  # stopped: nobody will answer what is still queued
+            for job in self.jobs:
+                job.future.cancel()
+            self.jobs.clear()
 
     def run(self, batch: list[Job]) -> None:
         """Decode what is still raw, then one forward pass for the batch; each job gets its

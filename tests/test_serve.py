@@ -372,6 +372,49 @@ def test_both_decoding_paths_answer_like_the_predictor(smoke_model, predictor, m
     )
 
 
+def test_a_cancelled_request_is_dropped_and_its_batch_still_answered(predictor):
+    """A Future cancelled while queued (an asyncio caller that gave up) is skipped by the
+    worker; the requests batched with it get their answers; stop cancels what is left."""
+    import threading
+
+    from batching import Batcher
+
+    batcher = Batcher(predictor, max_batch=8, max_wait_ms=0)
+    entered, release = threading.Event(), threading.Event()
+    real_logits, sizes = predictor.logits, []
+
+    def held(batch):
+        sizes.append(len(batch))
+        entered.set()
+        assert release.wait(60)
+        return real_logits(batch)
+
+    predictor.logits = held
+    try:
+        batcher.start()
+        first = batcher.submit([("a.png", png())])
+        assert entered.wait(60)  # the worker is inside the first forward pass
+        queued = [batcher.submit([(f"{i}.png", png((30 * i, 0, 0)))], topk=2) for i in range(3)]
+        assert queued[1].cancel()
+        release.set()
+        answers = [first.result(60), queued[0].result(60), queued[2].result(60)]
+    finally:
+        predictor.logits = real_logits
+        batcher.stop()
+    assert sizes == [1, 2]  # the cancelled request never reached the model
+    expected = predictor.predict([("0.png", png((0, 0, 0)))], topk=2)[0]
+    assert [c for c, _ in answers[1][0].topk] == [c for c, _ in expected.topk]
+    np.testing.assert_allclose([q for _, q in answers[1][0].topk], [q for _, q in expected.topk],
+                               atol=1e-5)  # fmt: skip
+    assert [a[0].source for a in answers] == ["a.png", "0.png", "2.png"]
+
+    stopped = Batcher(predictor)  # never started: stop cancels what was queued
+    late = stopped.submit([("late.png", png())])
+    stopped.running = False
+    stopped.work()
+    assert late.cancelled()
+
+
 def test_a_full_queue_answers_503_with_retry_after(smoke_model):
     import threading
     from concurrent.futures import ThreadPoolExecutor
