@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -56,6 +57,18 @@ ABLATION = [
     ("+ stochastic depth 0.1 (not in the preset)", ["--drop-path-rate", "0.1"]),
     ("+ EMA of weights 0.99 (not in the preset)", ["--ema-decay", "0.99"]),
 ]  # fmt: skip
+
+
+def in_turn(calls: list, side_by_side: bool = False) -> list:
+    """The results of `calls` (functions of no argument), run one after the other, or side
+    by side in threads (each a train.py subprocess): --quick does that, for a test's wall
+    time on two cores; a measured run does not, so that no two timed runs share the CPU."""
+    if not side_by_side:
+        return [call() for call in calls]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 def extract(tar_path: Path, into: Path) -> Path:
@@ -246,14 +259,19 @@ def loader_versus_step(data: Path, batches: int = 20, extra: list[str] | None = 
 def ablation_runs(
     data: Path, minutes: float, extra: list[str], work: Path, log_dir: Path, quick: bool = False
 ) -> list[dict]:
-    """The ABLATION steps, cumulatively, each a run of `minutes` (the first two if quick)."""
-    rows, flags = [], []
+    """The ABLATION steps, cumulatively, each a run of `minutes` (the first two if quick,
+    side by side)."""
+
+    def run(i: int, label: str, flags: list[str]) -> dict:
+        row = train_once(data, minutes, extra + flags, work, f"ablation-{i}", log_dir)
+        print(f"{label}: {100 * row['test_accuracy']:.1f}%", flush=True)
+        return {"recipe": label, **row}
+
+    calls, flags = [], []
     for label, step in ABLATION[: 2 if quick else None]:
         flags = flags + step
-        row = train_once(data, minutes, extra + flags, work, f"ablation-{len(rows)}", log_dir)
-        rows.append({"recipe": label, **row})
-        print(f"{label}: {100 * row['test_accuracy']:.1f}%", flush=True)
-    return rows
+        calls.append(functools.partial(run, len(calls), label, flags))
+    return in_turn(calls, quick)
 
 
 def write_ablation(rows: list[dict], out: Path) -> int:
@@ -356,7 +374,8 @@ def main(argv=None) -> int:
         runs += [
             (m, [*quick, "--threads", "1"], f"budget-{m:g}-threads1") for m in args.slow_minutes
         ]
-        rows = [train_once(data, m, extra, work, name, logs) for m, extra, name in runs]
+        calls = [functools.partial(train_once, data, m, x, work, n, logs) for m, x, n in runs]
+        rows = in_turn(calls, args.quick)
     write_budgets(rows, speed, images, args.out)
     return 0
 

@@ -23,6 +23,7 @@ pretrained model ever saw. Every run is `source/train.py` in a subprocess
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from learning import ROOT, run_train
+from learning import ROOT, in_turn, run_train
 
 sys.path.insert(0, str(ROOT / "source"))
 from preprocessing import stratified_split  # noqa: E402
@@ -215,10 +216,11 @@ def main(argv=None) -> int:
         work = Path(tmp)
         data = write_digits(work / "digits")
         parts = {"distillation": distillation, "fine-tuning": fine_tuning}
-        for name, part in parts.items():
-            if args.only in (None, name):
-                text, result[name] = part(args, work, data, seeds, quick)
-                lines += ["", *text]
+        chosen = [name for name in parts if args.only in (None, name)]
+        calls = [functools.partial(parts[n], args, work, data, seeds, quick) for n in chosen]
+        for name, (text, part) in zip(chosen, in_turn(calls, args.quick), strict=True):
+            lines += ["", *text]
+            result[name] = part
     text = "\n".join(lines) + "\n"
     (args.out / "transfer.md").write_text(text)
     (args.out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")

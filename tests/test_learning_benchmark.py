@@ -11,24 +11,37 @@ import learning
 from conftest import make_class_folders
 
 
-@pytest.fixture
-def dev_tar(tmp_path):
-    images = make_class_folders(tmp_path / "src" / "cifar10-dev", per_class=10)
-    tar = tmp_path / "dev.tar.gz"
+@pytest.fixture(scope="module")
+def dev_tar(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dev")
+    images = make_class_folders(tmp / "src" / "cifar10-dev", per_class=10)
+    tar = tmp / "dev.tar.gz"
     with tarfile.open(tar, "w:gz") as archive:
         archive.add(images, arcname="cifar10-dev")
     return tar
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, dev_tar):
+    """One `--quick --slow-minutes 0.05` run (the quick budget and its --threads 1 twin, and
+    the throughput before them) for the tests of what quick mode writes: its results folder."""
+    out = tmp_path_factory.mktemp("quick") / "results"
+    args = ["--quick", "--slow-minutes", "0.05", "--tar", str(dev_tar), "--out", str(out)]
+    assert learning.main(args) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_learning_benchmark_quick(tmp_path, dev_tar):
-    out = tmp_path / "results"
-    assert learning.main(["--quick", "--tar", str(dev_tar), "--out", str(out)]) == 0
+def test_learning_benchmark_quick(quick_run):
+    out = quick_run
     table = (out / "learning.md").read_text()
     assert "| budget (min) | test accuracy |" in table
     data = json.loads((out / "learning.json").read_text())
-    assert len(data["budgets"]) == 1 and data["budgets"][0]["minutes"] == 0.05
-    assert 0.0 <= data["budgets"][0]["test_accuracy"] <= 1.0
+    # Quick mode's one budget, 0.05 minutes on the preset's threads (the --threads 1 row is
+    # --slow-minutes's, tested below).
+    preset = [r for r in data["budgets"] if r["threads"] == "preset"]
+    assert len(preset) == 1 and preset[0]["minutes"] == 0.05
+    assert 0.0 <= preset[0]["test_accuracy"] <= 1.0
     assert (out / "learning.png").stat().st_size > 1000
     log = (out / "learning-logs" / "budget-0.05.log").read_text()  # train.py's own output
     assert log.count("\nepoch   1  train loss ") == 1 and "test accuracy" in log
@@ -63,10 +76,8 @@ def test_loader_mode_measures_both_rates(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_with_a_threads1_row_and_the_throughput(tmp_path, dev_tar):
-    out = tmp_path / "results"
-    args = ["--quick", "--slow-minutes", "0.05", "--tar", str(dev_tar), "--out", str(out)]
-    assert learning.main(args) == 0
+def test_quick_with_a_threads1_row_and_the_throughput(quick_run):
+    out = quick_run
     data = json.loads((out / "learning.json").read_text())
     rows = data["budgets"]
     assert [(r["minutes"], r["threads"]) for r in rows] == [(0.05, "preset"), (0.05, "1")]

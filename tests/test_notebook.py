@@ -36,11 +36,23 @@ def test_the_drawing_cells_are_found():
     assert any("attention_viz" in c.source for c in drawing)
 
 
+# The notebook's parameters for the test: one training epoch, as papermill would inject them.
+TEST_PARAMETERS = "EPOCHS = 1"
+
+
+def with_test_parameters(nb):
+    """nb with a cell setting TEST_PARAMETERS right after its `parameters` cell."""
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "the notebook needs one cell tagged `parameters`"
+    nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(TEST_PARAMETERS))
+    return nb
+
+
 @pytest.fixture(scope="module")
 def executed():
     from nbclient import NotebookClient
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = with_test_parameters(nbformat.read(NOTEBOOK, as_version=4))
     NotebookClient(
         nb,
         timeout=600,
@@ -54,6 +66,10 @@ def executed():
 def test_notebook_executes_without_errors(executed):
     outputs = [o for c in code_cells(executed) for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # The injected parameter reached the training run: one epoch, not the stored eight.
+    training = next(c for c in code_cells(executed) if c.source.startswith("import train\n"))
+    log = "".join(o.get("text", "") for o in training.outputs if o.output_type == "stream")
+    assert re.findall(r"^epoch +(\d+) ", log, re.M) == ["1"], log[-2000:]
 
 
 @pytest.mark.slow
