@@ -41,7 +41,6 @@ from imagetransform import NumpyTransform
 from predict_formats import to_csv, to_table
 
 FORMATS = ("table", "csv", "json")
-# preprocessing.IMAGE_EXTENSIONS (a test keeps them equal): that module imports torch.
 
 
 @dataclass

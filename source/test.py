@@ -97,8 +97,7 @@ def _raw_image(dataset, index: int):
     """Row `index`'s untransformed image as an RGB PIL image."""
     from torchvision.transforms import v2
 
-    image = dataset.load(index)
-    return image if hasattr(image, "convert") else v2.functional.to_pil_image(image)
+    return v2.functional.to_pil_image(dataset.load(index))  # load gives a uint8 tensor
 
 
 def write_attention(model, dataset, ckpt, result, index: int, path: Path) -> Path | None:
