@@ -131,8 +131,8 @@ def _reason(err: Exception, source: str) -> str:
 class Preprocess:
     """The stored evaluation transform, split for batches: `per_image` resizes and crops
     (sizes differ), `batch` converts to float and normalises once per batch (the same
-    numbers). By default in numpy (imagetransform.py, no torch); the torch backend passes
-    torchvision's own (torch_serving.TorchTransform)."""
+    numbers). By default in numpy (imagetransform.py, no torch); the torch backends pass
+    torch_serving.eval_transform's (the numpy one where it is exact, else torchvision's)."""
 
     def __init__(self, prep: dict, transform=None):
         self.image_size = int(prep["image_size"])
@@ -238,11 +238,11 @@ class Predictor:
         self.device = getattr(self.engine, "device", "cpu")
         self.classes: list[str] = list(self.checkpoint["classes"])
         prep = self.checkpoint["preprocessing"]
-        transform = None
-        if self.backend == "torch":  # torchvision's own transform: training's very numbers
-            from torch_serving import TorchTransform
+        transform = None  # the onnx backend's: numpy (imagetransform), no torch
+        if self.backend != "onnx":  # training's very numbers, by the fastest exact way
+            from torch_serving import eval_transform
 
-            transform = TorchTransform(int(prep["image_size"]), prep["mean"], prep["std"])
+            transform = eval_transform(int(prep["image_size"]), prep["mean"], prep["std"])
         self.preprocessing = Preprocess(prep, transform)
         self.image_size = self.preprocessing.image_size
         self.threshold: float | None = self.checkpoint.get("threshold")

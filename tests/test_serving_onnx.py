@@ -27,6 +27,10 @@ from conftest import ROOT
 from imagetransform import NumpyTransform
 from predict import Predictor
 
+native_uint8_resize = pytest.mark.skipif(
+    not _do_native_uint8_resize_on_cpu(v2.InterpolationMode.BILINEAR),
+    reason="torchvision resizes uint8 through float32 on x86 CPUs without AVX2",
+)
 SAMPLES = sorted((ROOT / "assets" / "samples").glob("*.png"))
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -60,10 +64,7 @@ def odd_images() -> list[Image.Image]:
     return images
 
 
-@pytest.mark.skipif(
-    not _do_native_uint8_resize_on_cpu(v2.InterpolationMode.BILINEAR),
-    reason="torchvision resizes uint8 through float32 on x86 CPUs without AVX2",
-)
+@native_uint8_resize
 def test_numpy_transform_equals_torchvision_eval_transform(smoke_model):
     ckpt = load_checkpoint(smoke_model)
     prep = ckpt["preprocessing"]
@@ -80,6 +81,42 @@ def test_numpy_transform_equals_torchvision_eval_transform(smoke_model):
             got = ours([image])[0]
             assert got.shape == expected.shape == (3, size, size) and got.dtype == np.float32
             assert np.abs(got - expected).max() <= 1e-6, (image.size, size)
+
+
+@native_uint8_resize
+def test_torch_backends_preprocess_in_numpy_where_it_is_bit_identical(smoke_model):
+    # Here the probe passes: the torch Predictor takes the numpy transform, and its inputs are
+    # eval_transform's to the last bit (not merely within 1e-6).
+    predictor = Predictor(smoke_model, backend="torch", device="cpu")
+    assert isinstance(predictor.preprocessing.transform, NumpyTransform)
+    prep = predictor.checkpoint["preprocessing"]
+    reference = P.eval_transform(prep["image_size"], prep["mean"], prep["std"])
+    images = [Image.open(p).convert("RGB") for p in SAMPLES] + odd_images()
+    expected = torch.stack([reference(image) for image in images]).numpy()
+    np.testing.assert_array_equal(predictor.preprocessing(images), expected)
+
+
+@native_uint8_resize
+def test_torch_backends_fall_back_to_torchvision_when_numpy_differs(monkeypatch):
+    # A CPU where torchvision resizes through float32 gives other pixels: one grey level off
+    # in one probe image is enough to keep torchvision's transform.
+    import torch_serving
+
+    assert isinstance(torch_serving.eval_transform(16, *IMAGENET), NumpyTransform)
+    original = NumpyTransform.per_image
+    calls = []
+
+    def one_level_off(self, image):
+        pixels = original(self, image)
+        calls.append(image.size)
+        if len(calls) == len(torch_serving.PROBE_SIZES):
+            pixels[0, 0, 0] ^= 1
+        return pixels
+
+    monkeypatch.setattr(NumpyTransform, "per_image", one_level_off)
+    chosen = torch_serving.eval_transform(16, *IMAGENET)
+    assert isinstance(chosen, torch_serving.TorchTransform)
+    assert calls == [(w, h) for h, w in torch_serving.PROBE_SIZES]
 
 
 def test_onnx_metadata_is_enough_without_the_checkpoint(exported, onnx_only):
