@@ -65,12 +65,13 @@ def _cifar10() -> dict:
     and a class token, in a 30-minute budget.
 
     python source/train.py --preset cifar10 --data path/to/images --max-minutes 15
-    Expect about 66% test accuracy after 15 minutes and 70% after 30 on 2 CPU cores
-    (trained on 10,000 CIFAR-10 images, before the budget recipe). With --max-minutes the
-    budget recipe (budget.py) drops TrivialAugment when fewer than 25 epochs fit, so short
-    budgets and slow machines no longer need --augment none. On the full 50,000-image
-    training split (../shared/data/cifar10-train.tar.gz), expect about 76% after 30 minutes
-    (75.8%, 13 epochs, light; 60 minutes not yet measured; docs/benchmarks/learning.md).
+    Expect on 2 CPU cores, trained on 10,000 CIFAR-10 images: about 65% test accuracy after
+    15 minutes (65.3%) and 70% after 30 (70.2%). With --max-minutes the budget recipe
+    (budget.py) drops TrivialAugment when fewer than 25 epochs fit, so short budgets and slow
+    machines no longer need --augment none. On the full 50,000-image training split
+    (../shared/data/cifar10-train.tar.gz): about 76% after 30 minutes (75.8%, 13 epochs) and
+    79% after 60 (78.8%, 22 epochs; both light, and the second overfit: see
+    docs/benchmarks/learning.md).
     """
     return dict(
         data="cifar10",
