@@ -40,7 +40,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import fastapi_offline
-from api_metrics import API_VERSION, ApiMetrics
 from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -50,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from api_metrics import API_VERSION, ApiMetrics
 from backends import resolve_backend
 from batching import Batcher, QueueFull
 from cli import HelpFormatter, default_model_path

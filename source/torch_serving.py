@@ -28,6 +28,10 @@ TORCHSCRIPT_METADATA = "vit_pipeline.json"  # the extra file in a TorchScript ar
 METADATA_KEYS = ("classes", "preprocessing", "threshold", "config", "metrics", "provenance")
 
 
+# Shrunk on both sides, on one, enlarged: each takes a different branch of the resize.
+PROBE_SIZES = ((53, 41), (300, 200), (17, 250), (5, 7))
+
+
 def eval_transform(image_size: int, mean, std) -> NumpyTransform | TorchTransform:
     """What the torch backends preprocess with: imagetransform's numpy version when it gives
     torchvision's very numbers on this CPU (checked here on PROBE_SIZES random images: true
@@ -45,10 +49,6 @@ def eval_transform(image_size: int, mean, std) -> NumpyTransform | TorchTransfor
         if not np.array_equal(fast.batch([ours]), exact.batch([theirs])):
             return exact
     return fast
-
-
-# Shrunk on both sides, on one, enlarged: each takes a different branch of the resize.
-PROBE_SIZES = ((53, 41), (300, 200), (17, 250), (5, 7))
 
 
 class TorchTransform:
