@@ -46,11 +46,15 @@ browser: ## install Debian's chromium for the browser tests (needs apt; skipped 
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
+# One pytest worker a CPU (pytest-xdist), whole test files to each so a module's fixtures are
+# built once: alone, pytest keeps about one core busy while its subprocesses start up.
+PYTEST := $(PYTHON) -m pytest -q -n logical --dist loadfile
+
 test: install-dev browser lint ## lint, then run the whole test suite
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: install-dev ## the test suite without the slow end-to-end tests
-	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: install-dev ## black --check and ruff
 	$(PYTHON) -m black --check --quiet .

@@ -17,7 +17,8 @@
 The digits are written once as an ImageFolder tree with fixed train/valid/test folders, so
 every seed and every model is scored on the same held-out images, which no teacher or
 pretrained model ever saw. Every run is `source/train.py` in a subprocess
-(learning.run_train). Writes metadata/results/transfer.md and transfer.json.
+(learning.run_train; with --quick, forked from a server that imported torch once).
+Writes metadata/results/transfer.md and transfer.json.
 """
 
 from __future__ import annotations
@@ -88,11 +89,18 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
-def compare(rows: dict, work: Path, data: Path, seeds, base: list[str], variants: dict) -> dict:
+def compare(
+    rows: dict, work: Path, data: Path, seeds, base: list[str], variants: dict, forked: bool
+) -> dict:
     """rows[label] = summary over seeds of train.py BASE + variant args, for each variant."""
     for label, extra in variants.items():
         runs = [
-            run_train([*base, "--data", str(data), "--seed", str(s), *extra], work, f"{label}-{s}")
+            run_train(
+                [*base, "--data", str(data), "--seed", str(s), *extra],
+                work,
+                f"{label}-{s}",
+                forked=forked,
+            )
             for s in seeds
         ]
         rows[label] = summary(runs)
@@ -121,7 +129,9 @@ def distillation(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple
         teacher |= score_checkpoint(args.teacher)
     else:
         epochs = ["--epochs", str(1 if args.quick else args.teacher_epochs)]
-        teacher = run_train([*TEACHER, "--data", str(data), *epochs, *quick], work, "teacher")
+        teacher = run_train(
+            [*TEACHER, "--data", str(data), *epochs, *quick], work, "teacher", forked=args.quick
+        )
     print(f"teacher (resnet18): {100 * teacher['test_accuracy']:.2f}%")
     epochs = 1 if args.quick else args.epochs
     student = [*STUDENT, "--epochs", str(epochs), *quick, *args.student_args.split()]
@@ -130,7 +140,7 @@ def distillation(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple
         variants[f"ViT student, {mode} distillation"] = [
             "--teacher", teacher["model_path"], "--distill", mode,
         ]  # fmt: skip
-    rows = compare({}, work, data, seeds, student, variants)
+    rows = compare({}, work, data, seeds, student, variants, args.quick)
     t = summary([teacher])
     extra = f" (plus `{args.student_args}`)" if args.student_args else ""
     lines = [
@@ -160,7 +170,10 @@ def fine_tuning(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple[
     n_test = sum(1 for _ in (target_data / "test").rglob("*.png"))
     epochs = ["--epochs", str(1 if args.quick else args.epochs)]
     pretrained = run_train(
-        [*STUDENT, *epochs, *quick, "--data", str(source_data)], work, "pretrain-0-5"
+        [*STUDENT, *epochs, *quick, "--data", str(source_data)],
+        work,
+        "pretrain-0-5",
+        forked=args.quick,
     )
     print(f"pretrained on 0-5: {100 * pretrained['test_accuracy']:.2f}%")
     finetune = [*STUDENT, "--epochs", str(1 if args.quick else args.finetune_epochs)]
@@ -178,6 +191,7 @@ def fine_tuning(args, work: Path, data: Path, seeds, quick: list[str]) -> tuple[
             "fine-tuned, head only for 5 epochs, layer decay 0.75": weights
             + ["--freeze-epochs", "5", "--layer-decay", "0.75"],
         },
+        args.quick,
     )
     lines = [
         f"## Fine-tuning: digits 6-9 from {args.shots} training images a class",

@@ -56,6 +56,7 @@ def _smoke() -> dict:
         batch_size=32,
         limit_train_batches=4,
         max_minutes=0.0,
+        threads=1,  # tests run many of these side by side; two threads only spin
         tracker="none",
     )
 

@@ -60,6 +60,17 @@ def test_ablation_quick_adds_one_element_a_row(tmp_path, dev_tar):
     assert not (out / "learning.md").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "subprocess"])
+def test_a_failed_run_ends_with_train_py_s_error(tmp_path, forked):
+    """Measured runs are `python source/train.py` subprocesses, --quick's fork from a server
+    (learning.train_server): either way a failure names the command and shows train.py's own
+    error message."""
+    error = r"(?s)training failed \(.*train\.py --no-such-option.*valid config options are"
+    with pytest.raises(SystemExit, match=error):
+        learning.run_train(["--no-such-option", "1"], tmp_path, "bad", forked=forked)
+
+
 def test_missing_archive_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not found; pass --tar"):
         learning.main(["--quick", "--tar", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)])

@@ -30,9 +30,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="no torchru
 
 def train_args(out: Path, *extra: str) -> list[str]:
     # The smoke preset, no drop-path (its random draws differ between ranks' layouts), a
-    # global batch of 32 in two processes.
+    # global batch of 32 in two processes; one thread each, as several processes share the
+    # cores (two spin-waiting threads a process burn several times the CPU on this model).
     return [
         str(ROOT / "source" / "train.py"), "--preset", "smoke", "--tracker", "none",
+        "--threads", "1",
         "--drop-path-rate", "0", "--epochs", "1", "--limit-train-batches", "4",
         "--batch-size", "16",
         "--model-path", str(out / "model.pth"), "--results-dir", str(out / "r"),
@@ -53,16 +55,18 @@ def resume_state(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> Path:
-    """The same two-epoch training run laid out three ways, launched side by side (one
-    start-up's wall time instead of three): `single`, one process with the global batch of
-    32; `one-node`, torchrun with two processes of 16 on one node; `two-nodes`, two torchrun
-    launches of one process each that meet through a c10d rendezvous, sharing one output
-    folder as pods share the ReadWriteMany volume. Each one's log is its folder's .log."""
+    """The same two-epoch training run laid out three ways, side by side (one start-up's
+    wall time instead of three): `single`, one process with the global batch of 32 (this
+    one, while the launches start up: an interpreter start fewer); `one-node`, torchrun with
+    two processes of 16 on one node; `two-nodes`, two torchrun launches of one process each
+    that meet through a c10d rendezvous, sharing one output folder as pods share the
+    ReadWriteMany volume. Each launch's log is its folder's .log."""
+    import train
+
     tmp = tmp_path_factory.mktemp("layouts")
     epochs = ("--epochs", "2")
     port = free_port()
     commands = {
-        "single": [PY, *train_args(tmp / "single", *epochs, "--batch-size", "32")],
         "one-node": [TORCHRUN, "--standalone", "--nproc-per-node", "2",
                      *train_args(tmp / "one-node", *epochs)],
         **{
@@ -78,11 +82,15 @@ def layouts(tmp_path_factory) -> Path:
     for name, cmd in commands.items():
         with open(tmp / f"{name}.log", "w") as sink:  # files: no pipe fills up and blocks
             procs[name] = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    previous = signal.getsignal(signal.SIGTERM)  # train.main installs its own
     try:
+        single = train_args(tmp / "single", *epochs, "--batch-size", "32")[1:]
+        assert train.main(single) == 0
         for name, proc in procs.items():
             proc.wait(timeout=300)
             assert proc.returncode == 0, (tmp / f"{name}.log").read_text()[-3000:]
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()

@@ -23,14 +23,20 @@ from conftest import ROOT, make_class_folders
 PY = sys.executable
 
 
-def train_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
+def train_args(tmp: Path, name: str, *extra: str) -> list[str]:
+    # One thread: two spin-waiting threads per process burn three times the CPU of one on
+    # this tiny model when another run shares the cores.
     return [
-        PY, str(ROOT / "source" / "train.py"), "--preset", "smoke", "--tracker", "none",
+        "--preset", "smoke", "--tracker", "none", "--threads", "1",
         "--epochs", "4", "--limit-train-batches", "12", "--batch-size", "16",
         "--model-path", str(tmp / name / "model.pth"), "--results-dir", str(tmp / name / "r"),
         "--classes-path", str(tmp / name / "classes.txt"), "--runs-dir", str(tmp / "runs"),
         *extra,
     ]  # fmt: skip
+
+
+def train_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [PY, str(ROOT / "source" / "train.py"), *train_args(tmp, name, *extra)]
 
 
 def final_weights(tmp: Path, name: str) -> dict:
@@ -39,55 +45,69 @@ def final_weights(tmp: Path, name: str) -> dict:
     return state["model"]
 
 
+@pytest.fixture
+def sigterm_guard():
+    """train.main installs a SIGTERM handler; give the test process its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
-def test_sigterm_mid_run_then_resume_matches_uninterrupted(tmp_path):
-    # The uninterrupted run beside the interrupted one (one process each, two cores), under a
-    # run name of its own: both would take the same time-stamped one in tmp/runs.
-    with open(tmp_path / "straight.log", "w") as sink:
-        straight = subprocess.Popen(
-            train_cmd(tmp_path, "straight", "--run-name", "straight"),
-            stdout=sink, stderr=subprocess.STDOUT,
+def test_sigterm_mid_run_then_resume_matches_uninterrupted(tmp_path, sigterm_guard):
+    import train
+
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # Interrupt once the first epoch has ended: three epochs (about 1.5 s here) are left, so
+    # the signal lands mid-run however fast the machine is; a fixed sleep did not.
+    for line in proc.stdout:
+        if line.startswith("epoch   1"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopped by SIGTERM" in out, out[-2000:]
+    state = torch.load(
+        tmp_path / "killed" / "model.resume.pth", map_location="cpu", weights_only=True
+    )
+    assert (1, 0) <= (state["epoch"], state["batch"]) < (4, 0)
+    with open(tmp_path / "resumed.log", "w") as sink:  # a file: no pipe fills up and blocks
+        resumed = subprocess.Popen(
+            train_cmd(tmp_path, "killed", "--resume", "true"),
+            stdout=sink, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     try:
-        proc = subprocess.Popen(
-            train_cmd(tmp_path, "killed"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        # Interrupt once the first epoch has ended: three epochs (about 1.5 s here) are left, so
-        # the signal lands mid-run however fast the machine is; a fixed sleep did not.
-        for line in proc.stdout:
-            if line.startswith("epoch   1"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=120)[0]
-        assert proc.returncode == 0, out
-        assert "stopped by SIGTERM" in out, out[-2000:]
-        state = torch.load(
-            tmp_path / "killed" / "model.resume.pth", map_location="cpu", weights_only=True
-        )
-        assert (1, 0) <= (state["epoch"], state["batch"]) < (4, 0)
-        resumed = subprocess.run(
-            train_cmd(tmp_path, "killed", "--resume", "true"), capture_output=True, text=True
-        )
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert "resumed" in resumed.stdout
-        assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-2000:]
+        # The uninterrupted run, in this process (one interpreter start fewer) while the
+        # resumed one starts up beside it, under a run name of its own: both would take the
+        # same time-stamped one in tmp/runs.
+        assert train.main(train_args(tmp_path, "straight", "--run-name", "straight")) == 0
+        assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     finally:
-        if straight.poll() is None:  # a failure above: not left running
-            straight.kill()
+        if resumed.poll() is None:  # a failure above: not left running
+            resumed.kill()
+    assert "\nresumed " in (tmp_path / "resumed.log").read_text()
     a, b = final_weights(tmp_path, "straight"), final_weights(tmp_path, "killed")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_without_state_is_a_clear_error(tmp_path):
-    out = subprocess.run(
-        train_cmd(tmp_path, "none", "--resume", "true"), capture_output=True, text=True
+def test_resume_without_state_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """`python source/train.py --resume true` with no resume file: exit status 2 and one
+    sentence. Run as __main__ in this process: the script's own guard and exit status, without
+    a fresh interpreter importing torch again."""
+    import runpy
+
+    script = ROOT / "source" / "train.py"
+    monkeypatch.setattr(
+        sys, "argv", [str(script), *train_args(tmp_path, "none", "--resume", "true")]
     )
-    assert out.returncode == 2
-    assert "--resume" in out.stderr and "no resume file" in out.stderr
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "no resume file" in err
 
 
 WRITER = """

@@ -642,7 +642,9 @@ def test_compile_true_trains_a_step_on_cpu():
         pytest.skip("torch.compile is not supported on this Python/platform")
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile's CPU backend (inductor) needs a C++ compiler; none found")
-    loop = make_test_loop(compile=True, drop_path_rate=0.0)
+    # One block and the one-conv patch tokenizer: the same compiled training step with fewer
+    # kernels for inductor to generate and g++ to build (most of this test's time).
+    loop = make_test_loop(compile=True, drop_path_rate=0.0, depth=1, tokenizer="patch")
     assert hasattr(loop.objective.model, "_orig_mod")  # the model is trained compiled
     before = {k: v.clone() for k, v in loop.model.state_dict().items()}
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
