@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,14 @@ def one_thread():
     """Back to one thread after each module, whatever a test (a train.py run) set."""
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def sigterm_guard():
+    """train.main installs a SIGTERM handler and leaves it; give the process its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def make_image(path: Path, label: int, size: int = 20, seed: int = 0) -> Path:

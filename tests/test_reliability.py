@@ -45,14 +45,6 @@ def final_weights(tmp: Path, name: str) -> dict:
     return state["model"]
 
 
-@pytest.fixture
-def sigterm_guard():
-    """train.main installs a SIGTERM handler; give the test process its own back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_matches_uninterrupted(tmp_path, sigterm_guard):
     import train

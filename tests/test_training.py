@@ -24,15 +24,6 @@ from conftest import make_class_folders, train_smoke
 from finetune import param_groups_layer_decay
 from transformer import build_model
 
-
-@pytest.fixture
-def sigterm_guard():
-    """train.main installs a SIGTERM handler and leaves it; give the process its own back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 # ---- learning-rate schedule -----------------------------------------------------------------
 
 
