@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from augmentation import train_transform
 from imagesafe import IMAGE_EXTENSIONS, ImageError, open_image, plain_png
 from manifest import SPLIT_NAMES, ManifestError, read_manifest
 from runtime import default_threads
@@ -391,23 +392,6 @@ def load_splits_for_model(cfg, classes: list[str]) -> Splits:
 
 
 # ---- transforms and loaders ----------------------------------------------------------------
-
-
-def train_transform(cfg) -> v2.Compose:
-    steps = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale, 1.0), antialias=True),
-    ]
-    if cfg.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if cfg.augment == "randaugment":
-        steps.append(v2.RandAugment(magnitude=cfg.augment_magnitude))
-    elif cfg.augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
-    if cfg.random_erasing:
-        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
-    return v2.Compose(steps)
 
 
 def eval_transform(image_size: int, mean, std) -> v2.Compose:

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import augmentation as A
 import preprocessing as P
 import training as T
 from config import Config
@@ -622,6 +623,68 @@ def test_offline_download_failure_names_the_fix(monkeypatch, tmp_path):
     assert "could not download cifar100" in message
     assert f"copy the dataset files into {tmp_path / 'dl'}" in message
     assert "--data" in message
+
+
+def torchvision_train_transform(cfg) -> torch.nn.Module:
+    """What train_transform was before CropFlip and ToNormalizedFloat: torchvision v2 alone."""
+    steps = [
+        torchvision.transforms.v2.ToImage(),
+        torchvision.transforms.v2.RandomResizedCrop(
+            cfg.image_size, scale=(cfg.crop_scale, 1.0), antialias=True
+        ),
+    ]
+    if cfg.hflip:
+        steps.append(torchvision.transforms.v2.RandomHorizontalFlip())
+    if cfg.augment == "trivialaugment":
+        steps.append(torchvision.transforms.v2.TrivialAugmentWide())
+    steps += [
+        torchvision.transforms.v2.ToDtype(torch.float32, scale=True),
+        torchvision.transforms.v2.Normalize(cfg.mean, cfg.std),
+    ]
+    if cfg.random_erasing:
+        steps.append(torchvision.transforms.v2.RandomErasing(p=cfg.random_erasing, value=0))
+    return torchvision.transforms.v2.Compose(steps)
+
+
+@pytest.mark.parametrize(
+    "shape, settings",
+    [
+        ((3, 32, 32), dict(image_size=32, crop_scale=0.8)),  # the cifar10 preset
+        ((3, 8, 8), dict(image_size=16, hflip=False)),  # the digits preset: upsampled
+        ((3, 40, 23), dict(image_size=24, crop_scale=0.08)),  # tall: v2's fallback crop too
+        ((3, 9, 50), dict(image_size=8, crop_scale=0.3)),  # wide, downsampled
+        ((3, 32, 32), dict(image_size=32, augment="trivialaugment", random_erasing=0.3)),
+    ],
+)
+def test_train_transform_equals_torchvision_v2_bit_for_bit(shape, settings):
+    # augmentation.CropFlip and ToNormalizedFloat replace v2's crop, flip and normalisation for speed;
+    # every pixel and every random draw must stay v2's, so that a run's augmentation (and
+    # the records in docs/benchmarks/learning.md) do not change with them.
+    cfg = Config(mean=MEAN, std=STD, **settings)
+    ours, reference = P.train_transform(cfg), torchvision_train_transform(cfg)
+    rng = np.random.default_rng(0)
+    for seed in range(150):
+        image = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        torch.manual_seed(seed)
+        expected, drawn = reference(image), torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected), f"seed {seed}"
+        assert torch.equal(torch.get_rng_state(), drawn), "not the same random draws"
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())  # PIL images work too
+    torch.manual_seed(1)
+    expected = reference(pil)
+    torch.manual_seed(1)
+    assert torch.equal(ours(pil), expected)
+
+
+def test_crop_flip_falls_back_to_the_central_crop_like_torchvision():
+    # Ten draws that never fit (a 1-pixel-high strip) end in v2's central crop, clamped
+    # to the aspect-ratio range: here the whole height and 4/3 of it in width, centred.
+    crop = A.CropFlip(4, scale=(0.9, 1.0), hflip=False)
+    assert crop.crop_box(3, 60) == (0, 28, 3, 4)
+    v2_crop = torchvision.transforms.v2.RandomResizedCrop(4, scale=(0.9, 1.0))
+    params = v2_crop.make_params([torch.zeros(3, 3, 60, dtype=torch.uint8)])
+    assert params == dict(top=0, left=28, height=3, width=4)
 
 
 # ---- per-sample augmentation ----------------------------------------------------------------
