@@ -657,9 +657,9 @@ def torchvision_train_transform(cfg) -> torch.nn.Module:
     ],
 )
 def test_train_transform_equals_torchvision_v2_bit_for_bit(shape, settings):
-    # augmentation.CropFlip and ToNormalizedFloat replace v2's crop, flip and normalisation for speed;
-    # every pixel and every random draw must stay v2's, so that a run's augmentation (and
-    # the records in docs/benchmarks/learning.md) do not change with them.
+    # augmentation.CropFlip and ToNormalizedFloat replace v2's crop, flip and normalisation
+    # for speed; every pixel and every random draw must stay v2's, so that a run's
+    # augmentation (and the records in docs/benchmarks/learning.md) do not change.
     cfg = Config(mean=MEAN, std=STD, **settings)
     ours, reference = P.train_transform(cfg), torchvision_train_transform(cfg)
     rng = np.random.default_rng(0)
@@ -678,7 +678,7 @@ def test_train_transform_equals_torchvision_v2_bit_for_bit(shape, settings):
 
 
 def test_crop_flip_falls_back_to_the_central_crop_like_torchvision():
-    # Ten draws that never fit (a 1-pixel-high strip) end in v2's central crop, clamped
+    # Ten draws that never fit (a 3 x 60 strip) end in v2's central crop, clamped
     # to the aspect-ratio range: here the whole height and 4/3 of it in width, centred.
     crop = A.CropFlip(4, scale=(0.9, 1.0), hflip=False)
     assert crop.crop_box(3, 60) == (0, 28, 3, 4)
