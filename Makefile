@@ -48,7 +48,7 @@ browser: ## install Debian's chromium for the browser tests (needs apt; skipped 
 
 # One pytest worker a CPU (pytest-xdist), whole test files to each so a module's fixtures are
 # built once: alone, pytest keeps about one core busy while its subprocesses start up.
-PYTEST := $(PYTHON) -m pytest -q -n logical --dist loadfile
+PYTEST := $(PYTHON) -m pytest -q -n logical --dist loadfile --no-loadscope-reorder
 
 test: install-dev browser lint ## lint, then run the whole test suite
 	$(PYTEST) $(ARGS)

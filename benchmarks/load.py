@@ -107,9 +107,12 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def server_rss_mb(server: subprocess.Popen) -> float:
+    """Resident memory of the server and its child processes (the model process), MiB."""
     import psutil
 
-    return psutil.Process(server.pid).memory_info().rss / 2**20
+    process = psutil.Process(server.pid)
+    processes = [process, *process.children(recursive=True)]
+    return sum(p.memory_info().rss for p in processes) / 2**20
 
 
 def images_used(args) -> str:
@@ -345,6 +348,12 @@ SWEEP = {  # --configs name -> (label, serve.py environment, options, model file
     "onnx": ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, (), ".pth"),
     "onnx-1": ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1"), ".pth"),
     "ceiling": ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, (), ".pth"),
+    # The same two with the forward passes in a thread of the server (--worker thread).
+    "torch-thread": ("torch, batched, one process", {"PREDICT_BACKEND": "torch"},
+                     ("--worker", "thread"), ".pth"),
+    "ceiling-thread": ("no-model ceiling, one process",
+                       {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, ("--worker", "thread"),
+                       ".pth"),
 }  # fmt: skip
 EXPORTS = {".onnx": "onnx", ".pt": "torchscript"}
 
@@ -453,6 +462,18 @@ def sweep_targets(rows: list[dict]) -> list[str]:
             ratio = one["p50"] / one_unbatched["p50"]
             judge(f"1 client, batched {backend} p50 within 10% of unbatched: {one['p50']:.1f} "
                   f"ms against {one_unbatched['p50']:.1f} ms ({ratio:.2f}x)", ratio <= 1.1)  # fmt: skip
+    alone, alone_ceiling = (cell.get((f"{name}, one process", 16))
+                            for name in ("torch, batched", "no-model ceiling"))  # fmt: skip
+    batched = cell.get(("torch, batched", 16))
+    if alone and alone_ceiling and batched:
+        lines.append(
+            f"- For comparison, the forward passes in a thread of the server (`--worker "
+            f"thread`), 16 clients: batched torch {alone['throughput']:.0f} requests/s against "
+            f"{batched['throughput']:.0f} with the model process "
+            f"({batched['throughput'] / alone['throughput']:.2f}x); "
+            f"{100 * alone['throughput'] / alone_ceiling['throughput']:.0f}% of its own ceiling "
+            f"({alone_ceiling['throughput']:.0f} requests/s)"
+        )
     errors = sum(r["errors"] for r in rows)
     judge(f"0 errors: {errors} in {sum(r['requests'] for r in rows)} requests", errors == 0)
     return lines
@@ -520,13 +541,15 @@ def run_sweep(args, argv) -> int:
         f"`{args.model_path}`; {args.requests} one-image POST /predict requests per row "
         f"({images_used(args)}) after "
         f"{args.warmup} warm-up requests at the same concurrency; `serve.py --threads "
-        f"{args.threads}`; batched = serve.py's defaults, unbatched = `--max-batch 1`; the "
+        f"{args.threads}`; batched = serve.py's defaults (forward passes in the model process), "
+        "unbatched = `--max-batch 1`, one process = `--worker thread`; the "
         "ceiling replaces the forward pass by a constant answer (SERVE_NO_MODEL=1); torchscript "
         "serves `export.py --format torchscript`'s .pt file. All servers run at once; each "
         f"level's requests are sent in {ROUNDS} rounds that take the servers in turn.", "",
         *sweep_table(rows), "", "Issue 28's targets, from this table:", "",
         *sweep_targets(rows), "",
-        "Server RSS growth (after the first warm-up to the end of the configuration):", "",
+        "Server RSS growth, the server process and its model process together (after the first "
+        "warm-up to the end of the configuration):", "",
         *[f"- {c}: {g:+.1f} MiB over {n} requests" for c, (g, n) in growth.items()], "",
         f"![throughput and latency against concurrency]({plot.name})", "",
     ]  # fmt: skip

@@ -34,6 +34,33 @@ import numpy as np
 
 from predict import Prediction, Predictor, Prepared
 
+# One request as the model worker gets it: raw (name, bytes) pairs to decode or None, the
+# Prepared inputs or None, and its topk.
+Request = tuple[list[tuple[str, object]] | None, Prepared | None, int]
+
+
+def run_batch(predictor: Predictor, requests: list[Request]) -> tuple[list, int]:
+    """(outcomes, images): one forward pass over every readable image of the requests, after
+    decoding those still raw. Each request's outcome is Predictor.predict's answer for it
+    (its inputs' errors when none was readable) or, if the pass failed, the exception;
+    images is how many the forward pass took (0: none)."""
+    try:
+        prepared = [p if p is not None else predictor.prepare(items) for items, p, _ in requests]
+        outcomes: list = [p.results for p in prepared]  # the unreadable ones are final already
+        ready = [i for i, p in enumerate(prepared) if p.pixels is not None]
+        if not ready:
+            return outcomes, 0
+        pixels = np.concatenate([prepared[i].pixels for i in ready])
+        logits = predictor.logits(pixels)
+        start = 0
+        for i in ready:
+            rows = logits[start : start + len(prepared[i].index)]
+            start += len(rows)
+            outcomes[i] = predictor.finish(prepared[i], rows, requests[i][2])
+        return outcomes, len(pixels)
+    except Exception as err:  # the requests get the error; the worker keeps serving
+        return [err] * len(requests), 0
+
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds; try again after `retry_after` s."""
@@ -64,12 +91,15 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
+        runner: Callable[[list[Request]], tuple[list, int]] | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be at least 1, max_wait_ms at least 0")
         self.predictor = predictor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.on_batch = on_batch  # called with each forward pass's image count (metrics)
+        # What runs a batch: run_batch in this thread, or model_process.ModelProcess.
+        self.runner = runner or (lambda requests: run_batch(predictor, requests))
         self.jobs: deque[Job] = deque()
         self.decoding = 0  # requests being decoded: worth waiting for
         self.lock = threading.Condition()
@@ -168,29 +198,17 @@ class Batcher:
             self.jobs.clear()
 
     def run(self, batch: list[Job]) -> None:
-        """Decode what is still raw, then one forward pass for the batch; each job gets its
-        rows (or its inputs' errors, when none was readable), or the error."""
+        """One forward pass for the batch (through the runner: run_batch here, or in the
+        model process); each job gets its answer, or the error."""
         try:
-            ready = []
-            for job in batch:
-                if job.prepared is None:
-                    job.prepared, job.items = self.predictor.prepare(job.items), None
-                if job.prepared.pixels is None:  # nothing readable: no model call
-                    job.future.set_result(job.prepared.results)
-                else:
-                    ready.append(job)
-            if not ready:
-                return
-            pixels = np.concatenate([job.prepared.pixels for job in ready])
-            logits = self.predictor.logits(pixels)
-            if self.on_batch is not None:
-                self.on_batch(len(pixels))
-            start = 0
-            for job in ready:
-                rows = logits[start : start + len(job.prepared.index)]
-                start += len(rows)
-                job.future.set_result(self.predictor.finish(job.prepared, rows, job.topk))
-        except Exception as err:  # the requests get the error; the worker keeps serving
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(err)
+            outcomes, images = self.runner([(job.items, job.prepared, job.topk) for job in batch])
+        except Exception as err:  # e.g. the model process died: these requests fail, not the worker
+            outcomes, images = [err] * len(batch), 0
+        if images and self.on_batch is not None:
+            self.on_batch(images)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            job.items = job.prepared = None
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)

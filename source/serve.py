@@ -14,7 +14,9 @@ the decision and the top-k classes with probabilities. An image that cannot be r
 answer is 400 with the reason for each file. Requests larger than --max-upload-mb get 413.
 Concurrent requests share forward passes (batching.py): up to --max-batch images, waiting at
 most --max-wait-ms for more; past --max-queue waiting requests the answer is 503 with
-Retry-After. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
+Retry-After. The forward passes (with decoding and top-k) run in a child process that loads
+the model too (model_process.py), off the web server's GIL; `--worker thread` keeps them in
+this process (one process, half the memory). GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
 Every answer other than 2xx is JSON {"detail": "..."}, a 500 included. A request's headers must
 arrive within --header-timeout s and its body within --body-timeout s (slow clients are
 disconnected), idle connections close after --keep-alive s, and past --limit-concurrency
@@ -60,6 +62,7 @@ from http_limits import (
     max_upload_bytes_from_env,
     timed_protocol,
 )
+from model_process import ModelProcess, PredictorSpec
 from predict import Predictor
 from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 
@@ -212,11 +215,13 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int = DEFAULT_MAX_QUEUE,
     predictor: Predictor | None = None,
+    model_process: PredictorSpec | None = None,
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
     when the app starts (FastAPI lifespan; TestClient as a context manager runs it) unless
     `predictor` is given, checked (Predictor.check), with its request batcher (max_batch=1:
-    one request a forward pass)."""
+    one request a forward pass). With `model_process`, the batches run in a child process
+    that loads that model (model_process.py); else in a thread of this process."""
     model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
@@ -233,15 +238,22 @@ def create_app(
             log.error("cannot serve: %s", err)
             raise
         app.state.predictor = predictor
+        runner = None
+        if model_process is not None:
+            runner = ModelProcess(model_process)
+            runner.start()  # the child loads and checks the model; ModelProcessError if not
         app.state.batcher = Batcher(
             predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-            on_batch=metrics.batch_size.observe,
+            on_batch=metrics.batch_size.observe, runner=runner,
         )  # fmt: skip
         metrics.describe(predictor, app.state.batcher)
         app.state.batcher.start()
-        log.info("serving %s (%d classes)", model_path, len(predictor.classes))
+        where = f"model process {runner.pid}" if runner else "a thread"
+        log.info("serving %s (%d classes; %s)", model_path, len(predictor.classes), where)
         yield
         app.state.batcher.stop()
+        if runner is not None:
+            runner.stop()
 
     app = FastAPI(
         title="ViT image classifier",
@@ -305,20 +317,6 @@ def openapi_without_422(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-class ConstantLogits:
-    """The no-model ceiling of benchmarks/load.py (SERVE_NO_MODEL=1, never for serving): the
-    forward pass replaced by a constant answer, so what remains is HTTP, multipart parsing,
-    decoding, preprocessing, batching and JSON."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-
-    def logits(self, batch):
-        import numpy as np
-
-        return np.zeros((len(batch), self.num_classes), dtype=np.float32)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 for all)")
@@ -359,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads of the forward pass (torch, or ONNX Runtime's intra-op; 0 = one "
         "per core); 1 suits small models on busy or small machines",
     )
+    parser.add_argument(
+        "--worker", choices=("process", "thread"), default="process",
+        help="where the forward passes run: a child process (off the web server's GIL: "
+        "faster under concurrent load with 2+ cores) or a thread of the server process",
+    )  # fmt: skip
     parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
                         help="seconds a client has to send a request's headers")  # fmt: skip
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
@@ -402,16 +405,13 @@ def main(argv=None) -> int:
         return 2
     import uvicorn
 
-    if backend != "onnx":  # the onnx backend never imports torch
-        from runtime import set_torch_threads
-
-        set_torch_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = PredictorSpec(
+        args.model_path, device=args.device, threads=args.threads,
+        no_model=os.environ.get("SERVE_NO_MODEL") == "1",  # benchmarks/load.py's ceiling only
+    )  # fmt: skip
     try:  # before the server starts: a model it cannot serve is one line and exit 2
-        predictor = Predictor(args.model_path, device=args.device, threads=args.threads or None)
-        predictor.check()
-        if os.environ.get("SERVE_NO_MODEL") == "1":  # benchmarks/load.py's ceiling only
-            predictor.engine = ConstantLogits(len(predictor.classes))
+        predictor = spec.load()
     except Exception as err:  # noqa: BLE001 - whatever the checkpoint's fault, one line
         reason = " ".join(str(err).split()) or type(err).__name__
         print(f"error: cannot serve {args.model_path}: {reason}", file=sys.stderr)
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        predictor=predictor,
+        predictor=predictor, model_process=spec if args.worker == "process" else None,
     )  # fmt: skip
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,

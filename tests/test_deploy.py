@@ -730,6 +730,10 @@ PIP_NAMES = {
     "sklearn": "scikit-learn",
     "yaml": "pyyaml",
     "multipart": "python-multipart",
+    # Three distributions install `import mlflow` (mlflow, mlflow-skinny, mlflow-tracing), and
+    # which packages_distributions() names first follows sys.path, which other tests in the
+    # same worker change; the serving image needs the skinny one.
+    "mlflow": "mlflow-skinny",
 }
 
 

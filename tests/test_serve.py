@@ -290,7 +290,8 @@ def batch_requests() -> list[list[tuple[str, bytes]]]:
     return requests * 2
 
 
-def test_batched_answers_equal_unbatched_through_a_real_server(smoke_model, predictor):
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_batched_answers_equal_unbatched_through_a_real_server(smoke_model, predictor, worker):
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -298,7 +299,8 @@ def test_batched_answers_equal_unbatched_through_a_real_server(smoke_model, pred
     from load import start_server, stop_server
 
     requests = batch_requests()
-    server, url = start_server(str(smoke_model), extra=["--max-batch", "16", "--max-wait-ms", "50"])
+    extra = ["--max-batch", "16", "--max-wait-ms", "50", "--worker", worker]
+    server, url = start_server(str(smoke_model), extra=extra)
     try:
 
         def send(files):
