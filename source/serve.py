@@ -16,7 +16,8 @@ Concurrent requests share forward passes (batching.py): up to --max-batch images
 most --max-wait-ms for more; past --max-queue waiting requests the answer is 503 with
 Retry-After. The forward passes (with decoding and top-k) run in a child process that loads
 the model too (model_process.py), off the web server's GIL; `--worker thread` keeps them in
-this process (one process, half the memory). GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
+this process (less memory, slower under concurrent load). A request whose batch the child
+died with gets 503 with Retry-After; the next batch starts a new child. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
 Every answer other than 2xx is JSON {"detail": "..."}, a 500 included. A request's headers must
 arrive within --header-timeout s and its body within --body-timeout s (slow clients are
 disconnected), idle connections close after --keep-alive s, and past --limit-concurrency
@@ -62,7 +63,7 @@ from http_limits import (
     max_upload_bytes_from_env,
     timed_protocol,
 )
-from model_process import ModelProcess, PredictorSpec
+from model_process import ModelProcess, ModelProcessError, PredictorSpec
 from predict import Predictor
 from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 
@@ -138,7 +139,11 @@ ERRORS = {
     400: {"model": Problem, "description": "no readable image, or a malformed request"},
     413: {"model": Problem, "description": "request body over --max-upload-mb"},
     500: {"model": Problem, "description": "an unexpected error (the server log has it)"},
-    503: {"model": Problem, "description": "the queue is full (--max-queue); see Retry-After"},
+    503: {
+        "model": Problem,
+        "description": "the queue is full (--max-queue), or the model process died with this "
+        "request's batch (a new one takes the next); see Retry-After",
+    },
 }
 
 
@@ -189,6 +194,8 @@ async def predict(
     except QueueFull as err:
         headers = {"Retry-After": str(err.retry_after)}
         raise HTTPException(503, str(err), headers=headers) from None
+    except ModelProcessError as err:  # it died with this batch; the next one starts anew
+        raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
     if all(not p.ok for p in predictions):
         raise HTTPException(
             400, "; ".join(f"{p.source}: {p.error}" for p in predictions) or "no image"

@@ -153,3 +153,26 @@ def test_the_child_ends_when_the_server_is_killed(smoke_model):
         stop_server(server)
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, "a child of the killed server is still running"
+
+
+def test_the_api_answers_503_for_the_batch_of_a_dying_child_then_serves(smoke_model, tmp_path):
+    """create_app with a model process: a request whose batch killed it gets 503 with
+    Retry-After and the reason; the next is answered by a new one; stopping the app stops it."""
+    from fastapi.testclient import TestClient
+
+    from serve import create_app
+
+    alive = tmp_path / "alive"
+    spec = ExitingSpec(str(smoke_model), device="cpu", threads=1, alive=str(alive))
+    app = create_app(smoke_model, device="cpu", model_process=spec)
+    files = {"files": ("a.png", png(), "image/png")}
+    with TestClient(app) as client:  # the lifespan starts the model process
+        batcher = app.state.batcher
+        died = client.post("/predict", files=files)
+        answered = client.post("/predict", files=files)
+        child = batcher.runner.process
+    assert died.status_code == 503 and died.headers["Retry-After"] == "1"
+    assert "the model process died (exit code 3)" in died.json()["detail"]
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["predictions"][0]["predicted"] is not None
+    assert child is not None and child.exitcode == 0  # stopped with the app
