@@ -15,6 +15,7 @@ decodes in the calling thread first (large uploads, in parallel with other calle
 waits for the answer.
 
     batcher = Batcher(predictor, max_batch=32, max_wait_ms=5, max_queue=256)
+    # or Batcher(predictor, runner=model_process.ModelProcess(spec)): batches in a child process
     batcher.start()
     predictions = batcher.predict([("a.png", data), ("b.png", other)], topk=3)
     predictions = await asyncio.wrap_future(batcher.submit([("c.png", small)], topk=3))
@@ -46,20 +47,24 @@ def run_batch(predictor: Predictor, requests: list[Request]) -> tuple[list, int]
     images is how many the forward pass took (0: none)."""
     try:
         prepared = [p if p is not None else predictor.prepare(items) for items, p, _ in requests]
-        outcomes: list = [p.results for p in prepared]  # the unreadable ones are final already
-        ready = [i for i, p in enumerate(prepared) if p.pixels is not None]
-        if not ready:
-            return outcomes, 0
-        pixels = np.concatenate([prepared[i].pixels for i in ready])
-        logits = predictor.logits(pixels)
+    except Exception as err:  # the requests get the error; the worker keeps serving
+        return [err] * len(requests), 0
+    outcomes: list = [p.results for p in prepared]  # the unreadable ones are final already
+    ready = [i for i, p in enumerate(prepared) if p.pixels is not None]
+    if not ready:
+        return outcomes, 0
+    try:
+        logits = predictor.logits(np.concatenate([prepared[i].pixels for i in ready]))
         start = 0
         for i in ready:
             rows = logits[start : start + len(prepared[i].index)]
             start += len(rows)
             outcomes[i] = predictor.finish(prepared[i], rows, requests[i][2])
-        return outcomes, len(pixels)
-    except Exception as err:  # the requests get the error; the worker keeps serving
-        return [err] * len(requests), 0
+    except Exception as err:  # those requests get the error; the worker keeps serving
+        for i in ready:
+            outcomes[i] = err
+        return outcomes, 0
+    return outcomes, len(logits)
 
 
 class QueueFull(RuntimeError):

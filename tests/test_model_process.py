@@ -176,3 +176,18 @@ def test_the_api_answers_503_for_the_batch_of_a_dying_child_then_serves(smoke_mo
     assert answered.status_code == 200, answered.text
     assert answered.json()["predictions"][0]["predicted"] is not None
     assert child is not None and child.exitcode == 0  # stopped with the app
+
+
+def test_a_failed_forward_pass_fails_only_the_requests_that_needed_it(predictor, monkeypatch):
+    from batching import run_batch
+
+    def broken(batch):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(predictor, "logits", broken)
+    unreadable = [("empty.png", b""), ("text.png", b"hello")]
+    outcomes, images = run_batch(predictor, [([("a.png", png())], None, 1), (unreadable, None, 1)])
+    assert isinstance(outcomes[0], RuntimeError) and str(outcomes[0]) == "out of memory"
+    assert [p.source for p in outcomes[1]] == ["empty.png", "text.png"]
+    assert all(p.error for p in outcomes[1])
+    assert images == 0
