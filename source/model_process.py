@@ -12,6 +12,7 @@ on a pipe with the GIL released.
     spec = PredictorSpec("metadata/models/model.pth", device="cpu", threads=1)
     runner = ModelProcess(spec)
     runner.start()  # loads and checks the model in the child; ModelProcessError if it cannot
+    # (or runner.launch() first, and start() later: the child loads while this process works)
     batcher = Batcher(predictor, runner=runner)  # Batcher.run sends each batch through it
     runner.stop()
 
@@ -113,8 +114,8 @@ class ModelProcess:
         self.conn = None
         self.lock = threading.Lock()
 
-    def start(self) -> None:
-        """Start the child and wait until its model is loaded and checked."""
+    def launch(self) -> None:
+        """Start the child, which loads the model while the caller goes on (start waits)."""
         context = multiprocessing.get_context("spawn")
         self.conn, child_end = context.Pipe()
         self.process = context.Process(
@@ -122,6 +123,11 @@ class ModelProcess:
         )
         self.process.start()
         child_end.close()
+
+    def start(self) -> None:
+        """Start the child (unless launched) and wait until its model is loaded and checked."""
+        if self.process is None:
+            self.launch()
         if not self.conn.poll(self.start_timeout):
             self.stop()
             raise ModelProcessError(f"the model process did not start in {self.start_timeout} s")
@@ -129,8 +135,11 @@ class ModelProcess:
             status, reason = self.conn.recv()
         except EOFError:
             self.process.join(5)
+            code = self.process.exitcode
+            self.conn.close()
+            self.process = None
             raise ModelProcessError(
-                f"the model process exited while loading (exit code {self.process.exitcode})"
+                f"the model process exited while loading (exit code {code})"
             ) from None
         if status != "ready":
             self.stop()
@@ -140,7 +149,12 @@ class ModelProcess:
         """run_batch(requests) in the child; ModelProcessError if the child died with them
         (it is started again for the next batch)."""
         with self.lock:
-            if self.process is None or not self.process.is_alive():
+            if self.process is not None and not self.process.is_alive():  # died while idle
+                log.error("the model process died (exit code %s); starting another",
+                          self.process.exitcode)  # fmt: skip
+                self.conn.close()
+                self.process = None
+            if self.process is None:
                 self.start()
             try:
                 self.conn.send(requests)

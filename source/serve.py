@@ -222,13 +222,14 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int = DEFAULT_MAX_QUEUE,
     predictor: Predictor | None = None,
-    model_process: PredictorSpec | None = None,
+    model_process: PredictorSpec | ModelProcess | None = None,
 ) -> FastAPI:
     """The API for one checkpoint (MODEL_PATH or the default when not given), loaded once
     when the app starts (FastAPI lifespan; TestClient as a context manager runs it) unless
     `predictor` is given, checked (Predictor.check), with its request batcher (max_batch=1:
-    one request a forward pass). With `model_process`, the batches run in a child process
-    that loads that model (model_process.py); else in a thread of this process."""
+    one request a forward pass). With `model_process` (a PredictorSpec, or a ModelProcess
+    already launched), the batches run in a child process that loads that model
+    (model_process.py); else in a thread of this process."""
     model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
@@ -245,10 +246,11 @@ def create_app(
             log.error("cannot serve: %s", err)
             raise
         app.state.predictor = predictor
-        runner = None
-        if model_process is not None:
-            runner = ModelProcess(model_process)
-            runner.start()  # the child loads and checks the model; ModelProcessError if not
+        runner = model_process
+        if isinstance(runner, PredictorSpec):
+            runner = ModelProcess(runner)
+        if runner is not None:
+            runner.start()  # waits for the child's model, loaded and checked; or raises
         app.state.batcher = Batcher(
             predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             on_batch=metrics.batch_size.observe, runner=runner,
@@ -417,16 +419,21 @@ def main(argv=None) -> int:
         args.model_path, device=args.device, threads=args.threads,
         no_model=os.environ.get("SERVE_NO_MODEL") == "1",  # benchmarks/load.py's ceiling only
     )  # fmt: skip
+    runner = ModelProcess(spec) if args.worker == "process" else None
+    if runner is not None:
+        runner.launch()  # the child loads the model while this process does
     try:  # before the server starts: a model it cannot serve is one line and exit 2
         predictor = spec.load()
     except Exception as err:  # noqa: BLE001 - whatever the checkpoint's fault, one line
         reason = " ".join(str(err).split()) or type(err).__name__
         print(f"error: cannot serve {args.model_path}: {reason}", file=sys.stderr)
+        if runner is not None:
+            runner.stop()
         return 2
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        predictor=predictor, model_process=spec if args.worker == "process" else None,
+        predictor=predictor, model_process=runner,
     )  # fmt: skip
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,
