@@ -134,10 +134,7 @@ class ModelProcess:
         try:
             status, reason = self.conn.recv()
         except EOFError:
-            self.process.join(5)
-            code = self.process.exitcode
-            self.conn.close()
-            self.process = None
+            code = self._discard()
             raise ModelProcessError(
                 f"the model process exited while loading (exit code {code})"
             ) from None
@@ -151,24 +148,27 @@ class ModelProcess:
         with self.lock:
             if self.process is not None and not self.process.is_alive():  # died while idle
                 log.error("the model process died (exit code %s); starting another",
-                          self.process.exitcode)  # fmt: skip
-                self.conn.close()
-                self.process = None
+                          self._discard())  # fmt: skip
             if self.process is None:
                 self.start()
             try:
                 self.conn.send(requests)
                 return self.conn.recv()
             except (EOFError, OSError):
-                self.process.join(5)
-                code = self.process.exitcode
+                code = self._discard()
                 log.error("the model process died (exit code %s); starting another", code)
-                self.conn.close()
-                self.process = None
                 raise ModelProcessError(
                     f"the model process died (exit code {code}) while it held this request; "
                     "it is restarted for the next one"
                 ) from None
+
+    def _discard(self) -> int | None:
+        """Forget a child that has exited (reaped within 5 s); its exit code."""
+        self.process.join(5)
+        code = self.process.exitcode
+        self.conn.close()
+        self.process = None
+        return code
 
     @property
     def pid(self) -> int | None:

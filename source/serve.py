@@ -17,7 +17,8 @@ most --max-wait-ms for more; past --max-queue waiting requests the answer is 503
 Retry-After. The forward passes (with decoding and top-k) run in a child process that loads
 the model too (model_process.py), off the web server's GIL; `--worker thread` keeps them in
 this process (less memory, slower under concurrent load). A request whose batch the child
-died with gets 503 with Retry-After; the next batch starts a new child. GET /metrics: requests by status, latency, batch sizes, queue depth, model version.
+died with gets 503 with Retry-After; the next batch starts a new child. GET /metrics:
+requests by status, latency, batch sizes, queue depth, model version.
 Every answer other than 2xx is JSON {"detail": "..."}, a 500 included. A request's headers must
 arrive within --header-timeout s and its body within --body-timeout s (slow clients are
 disconnected), idle connections close after --keep-alive s, and past --limit-concurrency
