@@ -348,9 +348,6 @@ SWEEP = {  # --configs name -> (label, serve.py environment, options, model file
     "onnx": ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, (), ".pth"),
     "onnx-1": ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1"), ".pth"),
     "ceiling": ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, (), ".pth"),
-    # The model process answering one batch before it is sent the next (--in-flight 1).
-    "torch-serial": ("torch, batched, one batch in flight", {"PREDICT_BACKEND": "torch"},
-                     ("--in-flight", "1"), ".pth"),
     # The same two with the forward passes in a thread of the server (--worker thread).
     "torch-thread": ("torch, batched, one process", {"PREDICT_BACKEND": "torch"},
                      ("--worker", "thread"), ".pth"),

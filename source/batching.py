@@ -97,18 +97,14 @@ class Batcher:
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
         runner: Callable[[list[Request]], tuple[list, int]] | None = None,
-        in_flight: int = 2,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be at least 1, max_wait_ms at least 0")
         self.predictor = predictor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.on_batch = on_batch  # called with each forward pass's image count (metrics)
-        # What runs a batch: run_batch in this thread, or model_process.ModelProcess, whose
-        # submit returns at once: then up to `in_flight` batches are out at a time, so the
-        # next one already waits in the pipe when the child finishes one.
+        # What runs a batch: run_batch in this thread, or model_process.ModelProcess.
         self.runner = runner or (lambda requests: run_batch(predictor, requests))
-        self.slots = threading.Semaphore(in_flight if hasattr(self.runner, "submit") else 1)
         self.jobs: deque[Job] = deque()
         self.decoding = 0  # requests being decoded: worth waiting for
         self.lock = threading.Condition()
@@ -198,38 +194,19 @@ class Batcher:
 
     def work(self) -> None:
         while self.running:
-            if not self.slots.acquire(timeout=0.1):  # `in_flight` batches are out
-                continue
             batch = self.take()
             if batch:
                 self.run(batch)
-            else:
-                self.slots.release()
         with self.lock:  # stopped: nobody will answer what is still queued
             for job in self.jobs:
                 job.future.cancel()
             self.jobs.clear()
 
     def run(self, batch: list[Job]) -> None:
-        """One forward pass for the batch, through the runner: run_batch here and now, or
-        submitted to the model process, whose reader thread answers when it is done. Either
-        way each job gets its answer, or the error, and the batch's slot is given back."""
-        requests = [(job.items, job.prepared, job.topk) for job in batch]
-        future: Future = Future()
+        """One forward pass for the batch (through the runner: run_batch here, or in the
+        model process); each job gets its answer, or the error."""
         try:
-            if hasattr(self.runner, "submit"):
-                future = self.runner.submit(requests)
-            else:
-                future.set_result(self.runner(requests))
-        except Exception as err:  # e.g. no model process could start: these requests fail
-            future.set_exception(err)
-        future.add_done_callback(lambda done: self.answer(batch, done))
-
-    def answer(self, batch: list[Job], done: Future) -> None:
-        """Each job's outcome from the batch's finished Future (or the Future's error)."""
-        self.slots.release()
-        try:
-            outcomes, images = done.result()
+            outcomes, images = self.runner([(job.items, job.prepared, job.topk) for job in batch])
         except Exception as err:  # e.g. the model process died: these requests fail, not the worker
             outcomes, images = [err] * len(batch), 0
         if images and self.on_batch is not None:

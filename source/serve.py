@@ -71,7 +71,6 @@ from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
-DEFAULT_IN_FLIGHT = 2  # batches sent to the model process at a time: the next waits in the pipe
 # Requests with at most this many bytes of images are decoded by the model worker with its
 # batch (no thread hand-over a request; docs/benchmarks/serving-sweep.md measures the gain);
 # larger ones in FastAPI's thread pool, where decoders run in parallel.
@@ -223,7 +222,6 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int = DEFAULT_MAX_QUEUE,
-    in_flight: int = DEFAULT_IN_FLIGHT,
     predictor: Predictor | None = None,
     model_process: PredictorSpec | ModelProcess | None = None,
 ) -> FastAPI:
@@ -256,7 +254,7 @@ def create_app(
             runner.start()  # waits for the child's model, loaded and checked; or raises
         app.state.batcher = Batcher(
             predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-            on_batch=metrics.batch_size.observe, runner=runner, in_flight=in_flight,
+            on_batch=metrics.batch_size.observe, runner=runner,
         )  # fmt: skip
         metrics.describe(predictor, app.state.batcher)
         app.state.batcher.start()
@@ -374,11 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the forward passes run: a child process (off the web server's GIL: "
         "faster under concurrent load with 2+ cores) or a thread of the server process",
     )  # fmt: skip
-    parser.add_argument(
-        "--in-flight", type=int, default=DEFAULT_IN_FLIGHT,
-        help="batches sent to the model process at a time: with 2 the next batch waits in its "
-        "pipe while it runs one; 1 waits for each answer",
-    )  # fmt: skip
     parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
                         help="seconds a client has to send a request's headers")  # fmt: skip
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
@@ -400,13 +393,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limits = (args.header_timeout, args.body_timeout, args.keep_alive)
-    if (
-        min(args.max_batch, args.max_queue, args.in_flight) < 1
-        or args.max_wait_ms < 0
-        or min(limits) <= 0
-    ):
-        print("error: --max-batch, --max-queue and --in-flight must be at least 1, --max-wait-ms "
-              "at least 0, the timeouts above 0", file=sys.stderr)  # fmt: skip
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or min(limits) <= 0:
+        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0, "
+              "the timeouts above 0", file=sys.stderr)  # fmt: skip
         return 2
     if args.limit_concurrency < 1 or args.max_header_kb < 1:
         print("error: --limit-concurrency and --max-header-kb must be at least 1", file=sys.stderr)
@@ -445,7 +434,7 @@ def main(argv=None) -> int:
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        in_flight=args.in_flight, predictor=predictor, model_process=runner,
+        predictor=predictor, model_process=runner,
     )  # fmt: skip
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,19 +22,15 @@ from test_serve import batch_requests, png
 class ExitingSpec(PredictorSpec):
     """The model, in a process that kills itself (exit code 3) on a forward pass while the
     file `alive` is missing, and makes the file first, so the process started after it serves
-    normally; its forward pass first waits while the file `gate` is missing. Module level:
-    the child unpickles it."""
+    normally. Module level: the child unpickles it."""
 
     alive: str = ""
-    gate: str = ""
 
     def load(self) -> Predictor:
         predictor = super().load()
         real = predictor.engine.logits
 
         def logits(batch):
-            while self.gate and not Path(self.gate).exists():
-                time.sleep(0.01)
             if not Path(self.alive).exists():
                 Path(self.alive).touch()
                 os._exit(3)
@@ -59,18 +54,9 @@ def alive(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory) -> Path:
-    """Remove it, and the runner's forward passes wait until it is back (ExitingSpec)."""
-    path = tmp_path_factory.mktemp("child") / "gate"
-    path.touch()
-    return path
-
-
-@pytest.fixture(scope="module")
-def runner(smoke_model, alive, gate):
+def runner(smoke_model, alive):
     """One model process for the module (each start imports torch: seconds)."""
-    spec = ExitingSpec(str(smoke_model), device="cpu", threads=1, alive=str(alive), gate=str(gate))
-    runner = ModelProcess(spec)
+    runner = ModelProcess(ExitingSpec(str(smoke_model), device="cpu", threads=1, alive=str(alive)))
     runner.start()
     yield runner
     child = runner.process
@@ -113,55 +99,6 @@ def test_the_batcher_through_the_child_and_decoded_inputs(runner, predictor):
         batcher.stop()
     assert_same(raw, predictor.predict([("red.png", png())], topk=2))
     assert_same(decoded, predictor.predict([("blue.png", png((0, 0, 200), (9, 31)))], topk=2))
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def test_the_next_batch_waits_in_the_pipe_while_the_child_runs_one(runner, predictor, gate):
-    """While the child runs a batch, the Batcher has already sent it the next (two in
-    flight), and a third waits in the queue; each is answered as it would be alone."""
-    batcher = Batcher(predictor, max_batch=1, max_wait_ms=0, runner=runner)  # a request a batch
-    images = [[(f"{i}.png", png((60 * i, 0, 0), (9 + i, 31)))] for i in range(3)]
-    gate.unlink()  # the child's forward pass waits
-    batcher.start()
-    try:
-        futures = [batcher.submit(files, topk=2) for files in images]
-        wait_for(lambda: batcher.depth == 1)  # one in the child, one in the pipe, one queued
-        time.sleep(0.3)
-        assert batcher.depth == 1 and not any(f.done() for f in futures)
-        gate.touch()
-        answers = [f.result(60) for f in futures]
-    finally:
-        gate.touch()
-        batcher.stop()
-    for got, files in zip(answers, images, strict=True):
-        assert_same(got, predictor.predict(files, topk=2))
-
-
-def test_a_child_dying_with_two_batches_fails_both_then_serves(runner, predictor, alive, gate):
-    """The batch in the child and the one waiting in its pipe both fail (503 in the API);
-    the next is answered by a new child."""
-    batcher = Batcher(predictor, max_batch=1, max_wait_ms=0, runner=runner)
-    gate.unlink()
-    batcher.start()
-    try:
-        doomed = [batcher.submit([("a.png", png())]) for _ in range(2)]
-        wait_for(lambda: batcher.depth == 0)  # both sent
-        alive.unlink()  # the forward pass waiting at the gate ends the process
-        gate.touch()
-        for future in doomed:
-            with pytest.raises(ModelProcessError, match=r"died \(exit code 3\).*restarted"):
-                future.result(120)
-        after = batcher.submit([("a.png", png())], topk=2).result(120)
-    finally:
-        gate.touch()
-        batcher.stop()
-    assert_same(after, predictor.predict([("a.png", png())], topk=2))
 
 
 def test_a_model_the_child_cannot_load_is_refused_with_the_reason(tmp_path):
