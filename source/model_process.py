@@ -183,6 +183,4 @@ class ModelProcess:
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
-            self.process.join(5)
-        self.conn.close()
-        self.process = None
+        self._discard()
