@@ -53,8 +53,21 @@ class ConvTokenizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN's 3x3 convolutions and pooling run fastest channels-last (NHWC): a third off
         # this stem's training time on CPU; the tokens then come out contiguous, no copy.
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, H/p, W/p)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if torch.onnx.is_in_onnx_export():
+            # CCT's order, which ONNX Runtime fuses: Conv+ReLU becomes one (int8) QLinearConv.
+            x = self.proj(x)
+        else:
+            # Each stage pools before its ReLU: ReLU is monotone, so relu(maxpool(x)) equals
+            # maxpool(relu(x)) exactly (values and gradients) on a quarter of the elements.
+            for conv, relu, *pool in self._stages():
+                x = relu(pool[0](conv(x))) if pool else relu(conv(x))
         return x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, N, D)
+
+    def _stages(self) -> list[list[nn.Module]]:
+        """proj's layers grouped per stage: [conv, relu, maxpool], or [conv, relu] alone."""
+        size = 3 if isinstance(self.proj[-1], nn.MaxPool2d) else 2
+        return [list(self.proj[i : i + size]) for i in range(0, len(self.proj), size)]
 
 
 def sincos_pos_embed(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:

@@ -247,6 +247,33 @@ def test_conv_tokenizer_token_count(image_size, patch_size):
     assert attentions[0].shape[-1] == 1 + grid * grid
 
 
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_conv_tokenizer_pooling_before_relu_is_ccts_order_exactly(patch_size):
+    """The forward pass pools before each ReLU (a quarter of the elements); proj, CCT's
+    conv-ReLU-pool order (the one ONNX export keeps), gives the same tokens and the same
+    weight gradients, bit for bit."""
+    torch.manual_seed(0)
+    tok = ConvTokenizer(image_size=32, patch_size=patch_size, embed_dim=16)
+    expected = ["Conv2d", "ReLU", "MaxPool2d"] * 2 if patch_size == 4 else ["Conv2d", "ReLU"]
+    assert [type(m).__name__ for m in tok.proj] == expected
+    x = images(4, 32)
+    outs, grads = [], []
+
+    def ccts_order(x):  # what ONNX export runs
+        x = tok.proj(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+    for forward in (tok, ccts_order):
+        tok.zero_grad()
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in tok.parameters()])
+    assert outs[0].shape == (4, (32 // patch_size) ** 2, 16)
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_conv_tokenizer_refuses_non_power_of_two_patch():
     with pytest.raises(ValueError, match="power-of-two"):
         ConvTokenizer(image_size=24, patch_size=3, embed_dim=16)
