@@ -348,9 +348,6 @@ SWEEP = {  # --configs name -> (label, serve.py environment, options, model file
     "onnx": ("onnx, batched", {"PREDICT_BACKEND": "onnx"}, (), ".pth"),
     "onnx-1": ("onnx, unbatched", {"PREDICT_BACKEND": "onnx"}, ("--max-batch", "1"), ".pth"),
     "ceiling": ("no-model ceiling", {"PREDICT_BACKEND": "torch", "SERVE_NO_MODEL": "1"}, (), ".pth"),
-    # The model process with one batch at a time (--in-flight 1) instead of serve.py's two.
-    "torch-serial": ("torch, batched, one in flight", {"PREDICT_BACKEND": "torch"},
-                     ("--in-flight", "1"), ".pth"),
     # The same two with the forward passes in a thread of the server (--worker thread).
     "torch-thread": ("torch, batched, one process", {"PREDICT_BACKEND": "torch"},
                      ("--worker", "thread"), ".pth"),
@@ -476,14 +473,6 @@ def sweep_targets(rows: list[dict]) -> list[str]:
             f"({batched['throughput'] / alone['throughput']:.2f}x); "
             f"{100 * alone['throughput'] / alone_ceiling['throughput']:.0f}% of its own ceiling "
             f"({alone_ceiling['throughput']:.0f} requests/s)"
-        )
-    serial = cell.get(("torch, batched, one in flight", 16))
-    if serial and batched:
-        lines.append(
-            f"- Two batches in the model process (serve.py's `--in-flight 2`) against one "
-            f"(`--in-flight 1`), 16 clients: {batched['throughput']:.0f} against "
-            f"{serial['throughput']:.0f} requests/s "
-            f"({batched['throughput'] / serial['throughput']:.2f}x)"
         )
     errors = sum(r["errors"] for r in rows)
     judge(f"0 errors: {errors} in {sum(r['requests'] for r in rows)} requests", errors == 0)

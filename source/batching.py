@@ -97,22 +97,14 @@ class Batcher:
         max_queue: int = 256,
         on_batch: Callable[[int], None] | None = None,
         runner: Callable[[list[Request]], tuple[list, int]] | None = None,
-        in_flight: int = 1,
     ):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or in_flight < 1:
-            raise ValueError(
-                "max_batch, max_queue and in_flight must be at least 1, max_wait_ms at least 0"
-            )
-        if in_flight > 1 and not hasattr(runner, "send"):
-            raise ValueError("in_flight > 1 needs a runner with send and receive (ModelProcess)")
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be at least 1, max_wait_ms at least 0")
         self.predictor = predictor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self.on_batch = on_batch  # called with each forward pass's image count (metrics)
         # What runs a batch: run_batch in this thread, or model_process.ModelProcess.
         self.runner = runner or (lambda requests: run_batch(predictor, requests))
-        # Batches sent to the runner before the one before them is answered: with 2, the
-        # model process computes one while this worker gathers and sends the next.
-        self.in_flight = in_flight
         self.jobs: deque[Job] = deque()
         self.decoding = 0  # requests being decoded: worth waiting for
         self.lock = threading.Condition()
@@ -174,10 +166,9 @@ class Batcher:
 
     # ---- the model worker --------------------------------------------------------------------
 
-    def take(self, wait: bool = True) -> list[Job]:
+    def take(self) -> list[Job]:
         """The next batch: what has queued, up to max_batch images (a larger request alone),
-        waiting up to max_wait after the first while other requests are still decoding
-        (unless `wait` is false: a batch in flight already keeps the model busy)."""
+        waiting up to max_wait after the first while other requests are still decoding."""
         with self.lock:
             while self.running and not self.jobs:
                 self.lock.wait()
@@ -185,8 +176,7 @@ class Batcher:
                 return []
             deadline = self.jobs[0].arrived + self.max_wait
             while (
-                wait
-                and self.running
+                self.running
                 and self.decoding
                 and sum(j.size for j in self.jobs) < self.max_batch
                 and time.monotonic() < deadline
@@ -203,8 +193,6 @@ class Batcher:
             return batch
 
     def work(self) -> None:
-        if self.in_flight > 1:
-            self.work_pipelined()
         while self.running:
             batch = self.take()
             if batch:
@@ -214,50 +202,13 @@ class Batcher:
                 job.future.cancel()
             self.jobs.clear()
 
-    def work_pipelined(self) -> None:
-        """The worker with up to `in_flight` batches in the runner: it sends the next batch
-        as soon as requests are queued, and waits for the oldest answer only when it has
-        nothing to send or enough in flight. Answers come back in order; if the runner fails,
-        every batch in flight fails with it (the model process lost them all)."""
-        pending: deque[list[Job]] = deque()
-        while self.running or pending:
-            if pending and (len(pending) >= self.in_flight or not self.jobs or not self.running):
-                batch = pending.popleft()
-                try:
-                    self.finish(batch, *self.runner.receive())
-                except Exception as err:  # noqa: BLE001 - the runner died with them
-                    self.fail([batch, *pending], err)
-                    pending.clear()
-                continue
-            batch = self.take(wait=not pending)
-            if not batch:
-                continue
-            try:
-                self.runner.send(self.requests(batch))
-                pending.append(batch)
-            except Exception as err:  # noqa: BLE001
-                self.fail([*pending, batch], err)
-                pending.clear()
-
-    @staticmethod
-    def requests(batch: list[Job]) -> list[Request]:
-        return [(job.items, job.prepared, job.topk) for job in batch]
-
-    def fail(self, batches: list[list[Job]], err: Exception) -> None:
-        for batch in batches:
-            self.finish(batch, [err] * len(batch), 0)
-
     def run(self, batch: list[Job]) -> None:
         """One forward pass for the batch (through the runner: run_batch here, or in the
         model process); each job gets its answer, or the error."""
         try:
-            outcomes, images = self.runner(self.requests(batch))
+            outcomes, images = self.runner([(job.items, job.prepared, job.topk) for job in batch])
         except Exception as err:  # e.g. the model process died: these requests fail, not the worker
             outcomes, images = [err] * len(batch), 0
-        self.finish(batch, outcomes, images)
-
-    def finish(self, batch: list[Job], outcomes: list, images: int) -> None:
-        """Each job of the batch gets its outcome: the answer, or the exception."""
         if images and self.on_batch is not None:
             self.on_batch(images)
         for job, outcome in zip(batch, outcomes, strict=True):

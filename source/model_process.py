@@ -27,10 +27,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import queue
 import threading
 from dataclasses import dataclass
-from typing import NoReturn
 
 import numpy as np
 
@@ -88,11 +86,6 @@ def _child(conn, spec: PredictorSpec) -> None:
         conn.send(("error", " ".join(str(err).split()) or type(err).__name__))
         return
     conn.send(("ready", None))
-    # Answers go out from a thread of their own: with two batches in flight the parent may be
-    # blocked sending the next batch, and this loop must be free to read it (else a large
-    # answer and a large batch, each filling the pipe, would wait on each other forever).
-    answers: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_send_answers, args=(conn, answers), daemon=True).start()
     while True:
         try:
             requests = conn.recv()
@@ -107,33 +100,18 @@ def _child(conn, spec: PredictorSpec) -> None:
             ModelProcessError(f"{type(o).__name__}: {o}") if isinstance(o, BaseException) else o
             for o in outcomes
         ]
-        answers.put((outcomes, images))
-
-
-def _send_answers(conn, answers: queue.SimpleQueue) -> None:
-    """The model process's sender: each answer in order. If one cannot be sent, the process
-    exits, so that the parent sees the pipe close rather than wait for it."""
-    try:
-        while True:
-            conn.send(answers.get())
-    except BaseException:  # noqa: BLE001 - the parent gone, or an answer that cannot pickle
-        log.exception("the model process cannot send its answer")
-        os._exit(1)
+        conn.send((outcomes, images))
 
 
 class ModelProcess:
     """run_batch in a child process (multiprocessing's spawn: no fork of a process with
-    threads). `runner(requests)` runs one batch and waits for it; `send` and `receive` keep
-    several in flight (the child queues them and answers in order), which is how the
-    Batcher's worker keeps the child busy while it gathers the next batch. Either way, one
-    thread at a time (the Batcher's worker) calls it."""
+    threads). Called by one thread at a time: the Batcher's worker."""
 
     def __init__(self, spec: PredictorSpec, start_timeout: float = 300.0):
         self.spec = spec
         self.start_timeout = start_timeout
         self.process: multiprocessing.Process | None = None
         self.conn = None
-        self.in_flight = 0  # batches sent to this child and not yet answered
         self.lock = threading.Lock()
 
     def launch(self) -> None:
@@ -167,54 +145,29 @@ class ModelProcess:
     def __call__(self, requests: list[Request]) -> tuple[list, int]:
         """run_batch(requests) in the child; ModelProcessError if the child died with them
         (it is started again for the next batch)."""
-        self.send(requests)
-        return self.receive()
-
-    def send(self, requests: list[Request]) -> None:
-        """Queue a batch in the child (started first if it is not running). ModelProcessError
-        if the child died with it, or died before it with batches still unanswered: every
-        batch in flight is lost with the child, and the next send starts another."""
         with self.lock:
-            if self.process is not None and not self.process.is_alive():
-                if self.in_flight:
-                    self._died("before it could take this request")
+            if self.process is not None and not self.process.is_alive():  # died while idle
                 log.error("the model process died (exit code %s); starting another",
                           self._discard())  # fmt: skip
             if self.process is None:
                 self.start()
             try:
                 self.conn.send(requests)
-            except OSError:
-                self._died("while it was sent this request")
-            self.in_flight += 1
-
-    def receive(self) -> tuple[list, int]:
-        """The answer to the oldest batch sent: (outcomes, images), as run_batch returns.
-        ModelProcessError if the child died first (with every batch in flight)."""
-        with self.lock:
-            if not self.in_flight:
-                raise RuntimeError("receive() without a batch in flight")
-            try:
-                answer = self.conn.recv()
+                return self.conn.recv()
             except (EOFError, OSError):
-                self._died("while it held this request")
-            self.in_flight -= 1
-            return answer
-
-    def _died(self, when: str) -> NoReturn:
-        """Forget the dead child and fail what it held."""
-        code = self._discard()
-        log.error("the model process died (exit code %s); starting another", code)
-        raise ModelProcessError(
-            f"the model process died (exit code {code}) {when}; it is restarted for the next one"
-        ) from None
+                code = self._discard()
+                log.error("the model process died (exit code %s); starting another", code)
+                raise ModelProcessError(
+                    f"the model process died (exit code {code}) while it held this request; "
+                    "it is restarted for the next one"
+                ) from None
 
     def _discard(self) -> int | None:
         """Forget a child that has exited (reaped within 5 s); its exit code."""
         self.process.join(5)
         code = self.process.exitcode
         self.conn.close()
-        self.process, self.in_flight = None, 0
+        self.process = None
         return code
 
     @property

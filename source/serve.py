@@ -71,7 +71,6 @@ from tracking_mlflow import resolve_model_uri  # MODEL_URI=models:/NAME@alias
 DEFAULT_MAX_BATCH = 32  # images per forward pass: past ~32, small ViTs gain little on CPU
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
-DEFAULT_IN_FLIGHT = 2  # batches the model process holds: one computing, the next queued
 # Requests with at most this many bytes of images are decoded by the model worker with its
 # batch (no thread hand-over a request; docs/benchmarks/serving-sweep.md measures the gain);
 # larger ones in FastAPI's thread pool, where decoders run in parallel.
@@ -223,7 +222,6 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int = DEFAULT_MAX_QUEUE,
-    in_flight: int = DEFAULT_IN_FLIGHT,
     predictor: Predictor | None = None,
     model_process: PredictorSpec | ModelProcess | None = None,
 ) -> FastAPI:
@@ -232,8 +230,7 @@ def create_app(
     `predictor` is given, checked (Predictor.check), with its request batcher (max_batch=1:
     one request a forward pass). With `model_process` (a PredictorSpec, or a ModelProcess
     already launched), the batches run in a child process that loads that model
-    (model_process.py), up to `in_flight` of them sent ahead; else in a thread of this
-    process, one at a time."""
+    (model_process.py); else in a thread of this process."""
     model_path = Path(model_path or default_model_path())
     if max_upload_bytes is None:
         max_upload_bytes = max_upload_bytes_from_env()
@@ -258,7 +255,6 @@ def create_app(
         app.state.batcher = Batcher(
             predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             on_batch=metrics.batch_size.observe, runner=runner,
-            in_flight=in_flight if runner is not None else 1,
         )  # fmt: skip
         metrics.describe(predictor, app.state.batcher)
         app.state.batcher.start()
@@ -365,11 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait for the model; past it they get 503 with Retry-After",
     )  # fmt: skip
     parser.add_argument(
-        "--in-flight", type=int, default=DEFAULT_IN_FLIGHT,
-        help="batches sent to the model process before the oldest is answered (2: it computes "
-        "one while the next is gathered; 1: one at a time); --worker process only",
-    )  # fmt: skip
-    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -402,10 +393,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     limits = (args.header_timeout, args.body_timeout, args.keep_alive)
-    counts = (args.max_batch, args.max_queue, args.in_flight)
-    if min(counts) < 1 or args.max_wait_ms < 0 or min(limits) <= 0:
-        print("error: --max-batch, --max-queue and --in-flight must be at least 1, "
-              "--max-wait-ms at least 0, the timeouts above 0", file=sys.stderr)  # fmt: skip
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or min(limits) <= 0:
+        print("error: --max-batch and --max-queue must be at least 1, --max-wait-ms at least 0, "
+              "the timeouts above 0", file=sys.stderr)  # fmt: skip
         return 2
     if args.limit_concurrency < 1 or args.max_header_kb < 1:
         print("error: --limit-concurrency and --max-header-kb must be at least 1", file=sys.stderr)
@@ -444,7 +434,7 @@ def main(argv=None) -> int:
     app = create_app(
         args.model_path, max_upload_bytes=int(args.max_upload_mb * 1e6), device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        in_flight=args.in_flight, predictor=predictor, model_process=runner,
+        predictor=predictor, model_process=runner,
     )  # fmt: skip
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level,

@@ -101,66 +101,6 @@ def test_the_batcher_through_the_child_and_decoded_inputs(runner, predictor):
     assert_same(decoded, predictor.predict([("blue.png", png((0, 0, 200), (9, 31)))], topk=2))
 
 
-class Spy:
-    """A runner that passes batches on to a ModelProcess and records how many it held."""
-
-    def __init__(self, runner: ModelProcess):
-        self.runner, self.most = runner, 0
-
-    def send(self, requests) -> None:
-        self.runner.send(requests)
-        self.most = max(self.most, self.runner.in_flight)
-
-    def receive(self):
-        return self.runner.receive()
-
-
-def test_two_batches_in_flight_answer_each_request_like_the_predictor(runner, predictor):
-    """The Batcher's worker sends the next batch before the child has answered the one
-    before (in_flight=2); answers come back in order, each request gets its own."""
-    spy = Spy(runner)
-    batcher = Batcher(predictor, max_batch=4, max_wait_ms=0, runner=spy, in_flight=2)
-    requests = batch_requests()
-    futures = [batcher.submit(files, topk=1 + i % 3) for i, files in enumerate(requests)]
-    batcher.start()  # after the submits: the worker finds them all queued
-    try:
-        answers = [future.result(120) for future in futures]
-    finally:
-        batcher.stop()
-    assert spy.most == 2 and runner.in_flight == 0
-    for i, (files, got) in enumerate(zip(requests, answers, strict=True)):
-        assert_same(got, predictor.predict(files, topk=1 + i % 3))
-
-
-def test_in_flight_needs_a_runner_that_sends_and_receives(predictor):
-    with pytest.raises(ValueError, match="in_flight > 1 needs a runner with send and receive"):
-        Batcher(predictor, in_flight=2)
-    with pytest.raises(ValueError, match="in_flight must be at least 1"):
-        Batcher(predictor, in_flight=0)
-    with pytest.raises(RuntimeError, match="receive\\(\\) without a batch in flight"):
-        ModelProcess(PredictorSpec("unused.pth")).receive()
-
-
-def test_a_child_that_dies_with_two_batches_in_flight_fails_both(runner, predictor, alive):
-    """Both batches the child held fail (none is answered by the next child in its place);
-    the batches after them go to a new child."""
-    first = runner.pid
-    batcher = Batcher(predictor, max_batch=1, max_wait_ms=0, runner=runner, in_flight=2)
-    alive.unlink()  # the next forward pass ends the process
-    futures = [batcher.submit([(f"{i}.png", png())], topk=2) for i in range(4)]
-    batcher.start()
-    try:
-        for doomed in futures[:2]:
-            with pytest.raises(ModelProcessError, match=r"died \(exit code 3\).*restarted"):
-                doomed.result(120)
-        after = [future.result(120) for future in futures[2:]]
-    finally:
-        batcher.stop()
-    assert runner.pid not in (None, first)
-    for i, got in enumerate(after, start=2):
-        assert_same(got, predictor.predict([(f"{i}.png", png())], topk=2))
-
-
 def test_a_model_the_child_cannot_load_is_refused_with_the_reason(tmp_path):
     missing = tmp_path / "missing.onnx"  # the onnx backend: the child fails without torch
     runner = ModelProcess(PredictorSpec(str(missing), device="cpu"))

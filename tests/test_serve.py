@@ -161,12 +161,6 @@ def test_cli_refuses_a_missing_model(tmp_path, capsys):
     assert "no model file at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", ["--max-batch", "--max-queue", "--in-flight"])
-def test_cli_refuses_counts_below_one(option, smoke_model, capsys):
-    assert serve.main(["--model-path", str(smoke_model), option, "0"]) == 2
-    assert "--max-batch, --max-queue and --in-flight must be at least 1" in capsys.readouterr().err
-
-
 def test_model_uri_is_resolved_through_the_registry(tmp_path, monkeypatch, capsys):
     """MODEL_URI=models:/NAME@alias is fetched from MLflow; a registry without that model is
     one line naming the URI and the fix, exit 2."""
