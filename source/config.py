@@ -81,7 +81,9 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     amp: bool = True  # mixed precision: bf16 autocast on CUDA (and MPS where supported)
     ema_decay: float = 0.0  # EMA of the weights, evaluated and saved when better; 0 = off
-    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    patience: int = (
+        0  # stop after this many epochs without a better select_metric (a tie is not); 0 = off
+    )
     limit_train_batches: int = 0  # stop each epoch after this many batches; 0 = all
     limit_eval_batches: int = 0  # evaluate at most this many batches; 0 = all
     balance: str = "none"  # none | loss (class-weighted loss) | sampler (balanced sampler)
@@ -98,6 +100,9 @@ class Config:
 
     # ---- evaluation -------------------------------------------------------------------
     select_metric: str = "accuracy"  # validation metric that picks the best epoch (SELECT_METRICS)
+    select_epoch: str = (
+        "best"  # model.pth: the best epoch by select_metric (ties: the later), or the last
+    )
     threshold_rule: str = "f1"  # binary tasks: f1 | youden | tpr (chosen on validation)
     target_tpr: float = 0.95  # with threshold_rule=tpr: the smallest TPR to reach
 
@@ -131,8 +136,8 @@ class Config:
         return cfg
 
 
-# Validation metrics that can pick the best epoch: higher is better, ties go to the lower
-# validation loss (train.py).
+# Validation metrics that can pick the best epoch: higher is better, ties go to the later
+# epoch (train.py's BestSaver).
 SELECT_METRICS = (
     "accuracy",
     "balanced_accuracy",
@@ -161,6 +166,7 @@ CHOICES = {
     "balance": ("none", "loss", "sampler"),
     "distill": ("hard", "soft"),
     "select_metric": SELECT_METRICS,
+    "select_epoch": ("best", "last"),
     "threshold_rule": ("f1", "youden", "tpr"),
     "tracker": ("mlflow", "neptune", "none"),
     "resume": ("true", "false", "auto"),

@@ -159,9 +159,9 @@ def run(argv=None) -> int:
         row = epoch_row(state, epoch, result, val)
         state.history.append(row)
         tracker.log_metrics({f"epoch/{k}": v for k, v in row.items()}, state.step)
-        improved = keep_best(state, candidate, which, (result, val))
+        mark = keep_best(state, candidate, which, (result, val))
         if main_process:
-            print_epoch(row, which, improved)
+            print_epoch(row, which, mark)
         state.epoch, state.batch = state.epoch + 1, 0
         state.elapsed = progress.elapsed
         save(state)
@@ -360,19 +360,27 @@ def epoch_row(state: TrainState, epoch, result, val: dict) -> dict:
     }
 
 
-def print_epoch(row: dict, which: str, improved: bool) -> None:
+def print_epoch(row: dict, which: str, mark: str) -> None:
+    """One line per epoch; `mark`: "*" a new best validation score, "=" a tie with it."""
     print(
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} "
         f"acc {row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} "
         f"acc {row['val_accuracy']:.4f} ({which})  lr {row['lr']:.2e}  {row['minutes']:.1f} min"
-        f"{'  *' if improved else ''}"
+        f"{'  ' + mark if mark else ''}"
     )
 
 
 class BestSaver:
-    """saver(state, candidate, "live"|"ema", (result, metrics)) -> whether this validation
-    beats the best so far; then the candidate is saved (--model-path and the run folder).
-    Ties (common on small validation sets) go to the lower validation loss."""
+    """saver(state, candidate, "live"|"ema", (result, metrics)) -> "*" when this validation
+    beats the best score so far, "=" when it ties it, "" otherwise. --select-epoch best saves
+    the candidate (--model-path and the run folder) on "*" and "="; last saves every epoch.
+
+    Ties (common on small validation sets, where many epochs score 100%) go to the later
+    epoch: it has trained longer, at a lower learning rate, and the EMA has averaged more of
+    it. The rule before, the lower validation loss, chose epochs from the middle of the
+    schedule on the digits default (docs/benchmarks/learning.md). Only a better score resets
+    --patience, so under --select-epoch last with --patience the model is the epoch the
+    patience ran out at."""
 
     def __init__(self, cfg, classes, run_dir: Path, main_process: bool, **extra):
         self.cfg, self.classes, self.run_dir, self.main_process = (
@@ -383,19 +391,19 @@ class BestSaver:
         )
         self.extra = {**extra, "run": {"name": run_dir.name, "dir": str(run_dir)}}
 
-    def __call__(self, state: TrainState, candidate, which: str, validation) -> bool:
+    def __call__(self, state: TrainState, candidate, which: str, validation) -> str:
         result, val = validation
-        score = (val[self.cfg.select_metric], -result.loss)
-        if not score > state.best_score:
-            state.bad_epochs += 1
-            return False
-        state.best_score, state.bad_epochs = score, 0
-        meta = {"epoch": state.epoch + 1, "weights": which}
-        best = best_checkpoint(candidate, self.cfg, self.classes, validation, meta,
-                               budget_recipe=state.recipe, **self.extra)  # fmt: skip
-        if self.main_process:
+        score = val[self.cfg.select_metric]
+        mark = "*" if score > state.best_score else "=" if score == state.best_score else ""
+        state.bad_epochs = 0 if mark == "*" else state.bad_epochs + 1
+        if mark == "*":  # a NaN score (sklearn's kappa on one class) is never the best
+            state.best_score = score
+        if self.main_process and (mark or self.cfg.select_epoch == "last"):
+            meta = {"epoch": state.epoch + 1, "weights": which}
+            best = best_checkpoint(candidate, self.cfg, self.classes, validation, meta,
+                                   budget_recipe=state.recipe, **self.extra)  # fmt: skip
             save_best(best, self.cfg.model_path, self.run_dir)
-        return True
+        return mark
 
 
 def best_checkpoint(candidate, cfg, classes, validation, meta, **extra) -> dict:
@@ -442,8 +450,9 @@ def final_report(cfg, state, loaders, device, autocast, tracker, run_dir) -> Non
     tracker.finish()
     print(tracker.summary())
     print(
-        f"best epoch {best['metrics']['epoch']} ({best['metrics']['weights']} weights): val "
-        f"{cfg.select_metric} {state.best_score[0]:.4f}; test accuracy {test['accuracy']:.4f} on "
+        f"{cfg.select_epoch} epoch {best['metrics']['epoch']} ({best['metrics']['weights']} "
+        f"weights): val {cfg.select_metric} {best['metrics']['val'][cfg.select_metric]:.4f}; "
+        f"test accuracy {test['accuracy']:.4f} on "
         f"{test['num_samples']} images ({state.elapsed / 60:.1f} min); model in "
         f"{cfg.model_path} and {run_dir / 'model.pth'}; run {tracker.run_id} ({tracker.name})"
     )

@@ -28,8 +28,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs done
     batch: int = 0  # batches of the current epoch done (a resume mid-epoch starts there)
-    best_score: tuple = (-math.inf, -math.inf)  # (select_metric, -val_loss) of the best epoch
-    bad_epochs: int = 0  # epochs since the best one (early stopping with --patience)
+    best_score: float = -math.inf  # the best epoch's --select-metric on validation
+    bad_epochs: int = 0  # epochs since the score last improved (early stopping with --patience)
     elapsed: float = 0.0  # seconds of training (the --max-minutes clock)
     history: list = field(default_factory=list)  # one row of statistics per epoch
     rng: dict | None = None  # every RNG (runtime.rng_state), as of the last save
@@ -42,7 +42,8 @@ class TrainState:
     def from_dict(cls, values: dict) -> TrainState:
         known = {f.name for f in fields(cls)}
         state = cls(**{k: v for k, v in values.items() if k in known})
-        state.best_score = tuple(state.best_score)
+        if isinstance(state.best_score, (list, tuple)):  # (metric, -val_loss) before 2026-12-03
+            state.best_score = state.best_score[0]
         return state
 
 

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,11 +529,68 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch):
 def test_train_state_round_trip():
     from train_state import TrainState
 
-    state = TrainState(run_name="r", step=7, epoch=1, batch=3, best_score=(0.5, -1.2))
+    state = TrainState(run_name="r", step=7, epoch=1, batch=3, best_score=0.5)
     state.history.append({"epoch": 1, "val_accuracy": 0.5})
     again = TrainState.from_dict(state.to_dict())
-    assert again == state and isinstance(again.best_score, tuple)
+    assert again == state
     assert TrainState.from_dict({**state.to_dict(), "model": {}}) == state  # extra keys ignored
+    # a resume file written before ties went to the later epoch: (metric, -val_loss)
+    assert TrainState.from_dict({**state.to_dict(), "best_score": [0.5, -1.2]}) == state
+
+
+@pytest.mark.parametrize(
+    "select_epoch, saved", [("best", [1, 2, 3, 3, 5, 5]), ("last", [1, 2, 3, 4, 5, 6])]
+)
+def test_best_saver_ties_go_to_the_later_epoch_and_only_a_gain_resets_patience(
+    tmp_path, select_epoch, saved
+):
+    """Validation accuracy 0.5, 0.9, 0.9 (a tie with a lower loss), 0.8, 0.9 again (a tie
+    with a higher loss, which the rule before chose against), 0.7: under --select-epoch best
+    the model file holds epoch 5 at the end, under last epoch 6; the marks and --patience
+    (every epoch since the last gain) are the same under both."""
+    from metrics import EvalResult
+    from train_state import TrainState
+
+    values = {**PRESETS["smoke"](), "model_path": str(tmp_path / "model.pth")}
+    cfg = Config(**values, select_epoch=select_epoch)
+    model = build_model(cfg, num_classes=3)
+    saver = train.BestSaver(cfg, ["a", "b", "c"], tmp_path / "run", main_process=True)
+    state = TrainState(run_name="run")
+    labels = np.array([0, 1, 2, 0])
+    scores = [(0.5, 1.0), (0.9, 0.5), (0.9, 0.4), (0.8, 0.3), (0.9, 0.6), (0.7, 0.2)]
+    marks, patience, in_file = [], [], []
+    for epoch, (accuracy, loss) in enumerate(scores):
+        state.epoch = epoch
+        result = EvalResult(labels=labels, probs=np.full((4, 3), 1 / 3), loss=loss)
+        marks.append(saver(state, model, "live", (result, {"accuracy": accuracy})))
+        patience.append(state.bad_epochs)
+        in_file.append(C.load_checkpoint(tmp_path / "model.pth")["metrics"]["epoch"])
+    assert marks == ["*", "*", "=", "", "=", ""]
+    assert patience == [0, 0, 1, 2, 3, 4]
+    assert in_file == saved
+    assert state.best_score == 0.9
+    assert C.load_checkpoint(tmp_path / "run" / "model.pth")["metrics"]["epoch"] == saved[-1]
+
+
+def test_best_saver_a_nan_score_is_never_the_best_and_other_ranks_write_nothing(tmp_path):
+    """sklearn's Cohen's kappa is NaN when labels and predictions hold one class: that epoch
+    is not saved and the next real score still is. A process other than rank 0 keeps the
+    same score and patience and writes no file."""
+    from metrics import EvalResult
+    from train_state import TrainState
+
+    values = {**PRESETS["smoke"](), "model_path": str(tmp_path / "model.pth")}
+    cfg = Config(**values, select_metric="cohen_kappa")
+    model = build_model(cfg, num_classes=3)
+    result = EvalResult(labels=np.array([0, 1, 2]), probs=np.full((3, 3), 1 / 3), loss=1.0)
+    for main_process in (False, True):
+        saver = train.BestSaver(cfg, ["a", "b", "c"], tmp_path / "run", main_process)
+        state, marks = TrainState(run_name="run"), []
+        for epoch, kappa in enumerate([math.nan, 0.2]):
+            state.epoch = epoch
+            marks.append(saver(state, model, "live", (result, {"cohen_kappa": kappa})))
+        assert marks == ["", "*"] and state.best_score == 0.2 and state.bad_epochs == 0
+        assert (tmp_path / "model.pth").is_file() == main_process
 
 
 def imbalanced_splits():
