@@ -81,9 +81,7 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     amp: bool = True  # mixed precision: bf16 autocast on CUDA (and MPS where supported)
     ema_decay: float = 0.0  # EMA of the weights, evaluated and saved when better; 0 = off
-    patience: int = (
-        0  # stop after this many epochs without a better select_metric (a tie is not); 0 = off
-    )
+    patience: int = 0  # stop after this many epochs without a better score (ties: no); 0 = off
     limit_train_batches: int = 0  # stop each epoch after this many batches; 0 = all
     limit_eval_batches: int = 0  # evaluate at most this many batches; 0 = all
     balance: str = "none"  # none | loss (class-weighted loss) | sampler (balanced sampler)
@@ -100,9 +98,7 @@ class Config:
 
     # ---- evaluation -------------------------------------------------------------------
     select_metric: str = "accuracy"  # validation metric that picks the best epoch (SELECT_METRICS)
-    select_epoch: str = (
-        "best"  # model.pth: the best epoch by select_metric (ties: the later), or the last
-    )
+    select_epoch: str = "best"  # model.pth: best (ties: the later epoch) | last epoch
     threshold_rule: str = "f1"  # binary tasks: f1 | youden | tpr (chosen on validation)
     target_tpr: float = 0.95  # with threshold_rule=tpr: the smallest TPR to reach
 
