@@ -11,8 +11,8 @@ Data: ../shared/data/cifar10-dev.tar.gz (10,000 CIFAR-10 training images, 1,000 
 class folders), or cifar10-train.tar.gz (the whole 50,000-image training split), or --data an
 extracted folder; a tar is extracted to a temporary folder. The project's own stratified
 split holds out 15% for validation and 15% for testing, and the test accuracy (images never
-trained or selected on) is what is reported; --train-args "--val-fraction 0.05
---test-fraction 0.1" holds out less (of the 50,000: 42,500 to train on, 5,000 to test). Every
+trained or selected on) is what is reported. To hold out less (of the 50,000: 42,500 to
+train on, 5,000 to test), add --train-args "--val-fraction 0.05 --test-fraction 0.1". Every
 run is `source/train.py --max-minutes M` in a subprocess, so the numbers include data loading
 and evaluation exactly as a user sees them (--quick forks them from a server that imported
 torch once: see run_train); --slow-minutes runs budgets again with --threads 1, a machine half
